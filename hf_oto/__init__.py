@@ -1,0 +1,18 @@
+"""hf_oto: Only-Train-Once structured pruning for Hugging Face Transformers."""
+
+from .compress import CompressionError, compress, from_pretrained, save_pretrained
+from .graph import GroupConfig, find_groups
+from .groups import ZeroInvariantGroup, ZeroInvariantGroups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "find_groups",
+    "compress",
+    "from_pretrained",
+    "save_pretrained",
+    "CompressionError",
+    "GroupConfig",
+    "ZeroInvariantGroup",
+    "ZeroInvariantGroups",
+]

@@ -1,0 +1,258 @@
+"""Build the physically smaller model: slice tensors, fix attributes, record the manifest."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..graph.inputs import call_with
+from ..groups import ZeroInvariantGroups
+from .modeling_hf_oto import MANIFEST_KEY, MANIFEST_VERSION, compressed_class
+
+
+class CompressionError(ValueError):
+    """The compressed model cannot be built, or does not reproduce the sparse model."""
+
+
+def compress(
+    model: nn.Module,
+    groups: ZeroInvariantGroups,
+    *,
+    remove: torch.Tensor | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+    rtol: float = 1e-5,
+) -> nn.Module:
+    """Remove every prunable group whose parameters are all zero and return the smaller model.
+
+    The result is a model of the same class (for Transformers models, the ``HfOto<Base>``
+    subclass that knows how to save and reload its new sizes) whose outputs equal ``model``'s.
+
+    Args:
+        model: the trained sparse model (it is not modified unless ``inplace=True``).
+        groups: the groups :func:`hf_oto.find_groups` found for this model.
+        remove: a boolean mask over groups to remove instead of the all-zero ones (use with
+            care: groups that are not zero change the outputs, and ``verify`` is skipped).
+        inplace: slice ``model`` itself instead of a copy.
+        verify: run the groups' example inputs through both models and raise
+            :class:`CompressionError` if the outputs differ by more than ``rtol`` times their scale.
+
+    Example:
+        >>> small = compress(model, groups)                  # doctest: +SKIP
+        >>> small.save_pretrained("out/")                    # doctest: +SKIP
+    """
+    groups.check_model(model)
+    params = groups.parameters(model)
+    if remove is None:
+        with torch.no_grad():
+            remove = groups.zero_mask(params).cpu() & groups.prunable_mask
+        check = verify
+    else:
+        remove = torch.as_tensor(remove, dtype=torch.bool).cpu()
+        if remove.shape != (len(groups),):
+            raise ValueError(f"remove must be a mask over {len(groups)} groups, got shape {tuple(remove.shape)}")
+        blocked = remove & ~groups.prunable_mask
+        if blocked.any():
+            g = groups[int(blocked.nonzero()[0])]
+            raise CompressionError(f"group {g.index} ({g.kind} in {g.layer}) is not prunable: {g.reason}")
+        check = False
+    inexact = [g for g in groups if remove[g.index] and not g.exact]
+    if inexact and check:
+        warnings.warn(f"{len(inexact)} removed groups are normalised hidden dimensions: outputs change "
+                      "slightly, so the exactness check is skipped", stacklevel=2)
+        check = False
+
+    remove = groups.feasible_removal(remove)
+    plan = groups.removal_plan(remove)
+    attribute_updates = _binding_updates(groups, remove)
+    reference = _run(model, groups.example_inputs) if check and groups.example_inputs is not None else None
+
+    target = model if inplace else copy.deepcopy(model)
+    shapes = _slice_tensors(target, plan, groups)
+    attribute_updates = _merge(attribute_updates, _standard_attributes(target, plan, groups))
+    for path, attrs in attribute_updates.items():
+        module = target.get_submodule(path)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+    _record_manifest(target, shapes, attribute_updates)
+
+    if reference is not None:
+        _verify(reference, _run(target, groups.example_inputs), rtol)
+    return target
+
+
+def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """New values of attributes holding prunable sizes; all uses of one attribute must agree."""
+    wanted: dict[tuple[str, str], set[int]] = {}
+    for b in groups.bindings:
+        kept = int(((b.group < 0) | ~remove[b.group.clamp(min=0)]).sum())
+        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept)
+    updates: dict[str, dict[str, Any]] = {}
+    for (module, attr), values in wanted.items():
+        if len(values) > 1:
+            raise CompressionError(f"attribute '{attr}' of module '{module}' would need the values "
+                                   f"{sorted(values)} at once; remove groups consistently")
+        updates.setdefault(module, {})[attr] = values.pop()
+    return updates
+
+
+def _slice_tensors(model: nn.Module, plan: dict[str, dict[int, torch.Tensor]],
+                   groups: ZeroInvariantGroups) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for name, dims in plan.items():
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        old = getattr(module, leaf)
+        with torch.no_grad():
+            data = old.detach()
+            for dim, keep in sorted(dims.items()):
+                data = data.index_select(dim, keep.to(data.device))
+            data = data.clone()
+        if isinstance(old, nn.Parameter):
+            new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+        else:
+            new = data
+        for alias in groups.tensor_aliases.get(name, [name]):
+            apath, _, aleaf = alias.rpartition(".")
+            amodule = model.get_submodule(apath)
+            if isinstance(new, nn.Parameter):
+                setattr(amodule, aleaf, new)
+            else:
+                persistent = aleaf not in amodule._non_persistent_buffers_set
+                amodule.register_buffer(aleaf, new, persistent=persistent)
+            shapes[alias] = list(new.shape)
+    return shapes
+
+
+def _standard_attributes(model: nn.Module, plan, groups: ZeroInvariantGroups) -> dict[str, dict[str, Any]]:
+    """Size attributes of the torch / Transformers layers whose tensors were resized."""
+    touched = {name.rpartition(".")[0] for name in plan}
+    for name in list(plan):
+        touched.update(a.rpartition(".")[0] for a in groups.tensor_aliases.get(name, []))
+    updates: dict[str, dict[str, Any]] = {}
+    for path in touched:
+        module = model.get_submodule(path)
+        attrs = _layer_sizes(module)
+        if attrs:
+            updates[path] = attrs
+    return updates
+
+
+def _layer_sizes(module: nn.Module) -> dict[str, Any]:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return {"in_features": weight.shape[1], "out_features": weight.shape[0]}
+    if isinstance(module, nn.modules.conv._ConvNd):
+        # Grouped convolutions lose whole groups (the analysis made them units); the per-group
+        # widths stay, so the new group count follows from the new weight.
+        groups = module.groups
+        if module.transposed:
+            if groups > 1:
+                groups = weight.shape[0] // (module.in_channels // module.groups)
+            return {"in_channels": weight.shape[0], "out_channels": weight.shape[1] * groups, "groups": groups}
+        if groups > 1:
+            groups = weight.shape[0] // (module.out_channels // module.groups)
+        return {"out_channels": weight.shape[0], "in_channels": weight.shape[1] * groups, "groups": groups}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = weight if weight is not None else module.running_mean
+        return {"num_features": ref.shape[0]}
+    if isinstance(module, nn.GroupNorm):
+        per_group = module.num_channels // module.num_groups
+        return {"num_channels": weight.shape[0], "num_groups": weight.shape[0] // per_group}
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and weight is not None:
+        return {"normalized_shape": tuple(weight.shape)}
+    if isinstance(module, nn.Embedding):
+        return {"embedding_dim": weight.shape[1]}
+    if isinstance(module, nn.PReLU):
+        return {"num_parameters": weight.shape[0]}
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        return {"nf": weight.shape[1], "nx": weight.shape[0]}
+    return {}
+
+
+def _merge(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {k: dict(v) for k, v in a.items()}
+    for k, v in b.items():
+        out.setdefault(k, {}).update(v)
+    return out
+
+
+def _record_manifest(model: nn.Module, shapes: dict[str, list[int]], attributes: dict[str, dict[str, Any]]) -> None:
+    """Store the new sizes where saving finds them; for Transformers, switch to HfOto<Base>."""
+    config = getattr(model, "config", None)
+    previous = (getattr(config, MANIFEST_KEY, None) if config is not None
+                else getattr(model, "_hf_oto_manifest", None)) or {}
+    base_class = previous.get("base_class", type(model).__name__)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "base_class": base_class,
+        "shapes": {**previous.get("shapes", {}), **shapes},
+        "attributes": _merge(previous.get("attributes", {}), _jsonable(attributes)),
+    }
+    if config is not None and isinstance(model, _pretrained_model_type()):
+        setattr(config, MANIFEST_KEY, manifest)
+        model.__class__ = compressed_class(base_class)
+    else:
+        model._hf_oto_manifest = manifest
+
+
+def _jsonable(attributes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {p: {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()} for p, a in attributes.items()}
+
+
+def _pretrained_model_type() -> type:
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
+
+
+def _run(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_with(model, inputs)
+    finally:
+        model.train(was_training)
+    return _flatten(out)
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach()]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def max_relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest |a - b| over all outputs, divided by the largest |a| (the output scale)."""
+    if len(a) != len(b):
+        raise CompressionError(f"the models return {len(a)} and {len(b)} tensors")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise CompressionError(f"output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return float("inf")
+            continue
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        diff = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst
+
+
+def _verify(reference: list[torch.Tensor], result: list[torch.Tensor], rtol: float) -> None:
+    diff = max_relative_difference(reference, result)
+    if diff > rtol:
+        raise CompressionError(
+            f"the compressed model's outputs differ from the sparse model's by {diff:.3g} of their "
+            f"scale (> {rtol}); the model uses a construct the analysis did not capture. Please "
+            "report it, and exclude the affected layers with GroupConfig.exclude meanwhile")

@@ -1,0 +1,112 @@
+"""Rebuild a model compressed by hf_oto from its structure manifest.
+
+This file is copied next to the weights of every saved compressed model, so it imports only
+``torch`` and ``transformers``: ``AutoModelFor*.from_pretrained(path, trust_remote_code=True)``
+loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the installed copy.
+
+The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the new shape of every
+resized tensor and the new value of every changed module attribute. A ``HfOto<Base>`` class builds
+``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
+checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+MANIFEST_KEY = "hf_oto_manifest"
+MANIFEST_VERSION = 1
+CLASS_PREFIX = "HfOto"
+
+
+def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -> torch.nn.Module:
+    """Resize tensors and set attributes of a freshly built ``model`` as the manifest says."""
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"unsupported hf_oto manifest version {manifest.get('version')!r}")
+    for name, shape in manifest.get("shapes", {}).items():
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        old = getattr(module, leaf)
+        if tuple(old.shape) == tuple(shape):
+            continue
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(module, leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            persistent = leaf not in getattr(module, "_non_persistent_buffers_set", set())
+            module.register_buffer(leaf, new, persistent=persistent)
+    for module_path, attributes in manifest.get("attributes", {}).items():
+        module = model.get_submodule(module_path)
+        for attr, value in attributes.items():
+            if isinstance(getattr(module, attr, None), tuple) and isinstance(value, list):
+                value = tuple(value)
+            setattr(module, attr, value)
+    return model
+
+
+def auto_classes_for(base_name: str) -> list[str]:
+    """The Auto classes (``AutoModelForQuestionAnswering``, ...) that map to ``base_name``."""
+    found = []
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
+        names = getattr(mapping, "_model_mapping", None)
+        if not isinstance(names, dict):
+            continue
+        for value in names.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if base_name in values:
+                found.append(name)
+                break
+    return found
+
+
+def _make_class(base_name: str) -> type:
+    base = getattr(transformers, base_name, None)
+    if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
+        raise AttributeError(f"transformers has no model class named {base_name!r}")
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        manifest = getattr(config, MANIFEST_KEY, None)
+        if manifest:
+            apply_structure_manifest(self, manifest)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        autos = auto_classes_for(base_name) or ["AutoModel"]
+        type(self)._auto_class = autos[0]
+        reference = f"{__name__.rpartition('.')[2]}.{type(self).__name__}"
+        self.config.auto_map = {auto: reference for auto in autos}
+        return base.save_pretrained(self, save_directory, *args, **kwargs)
+
+    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), {
+        "__init__": __init__,
+        "save_pretrained": save_pretrained,
+        "__module__": __name__,
+        "__doc__": f"{base_name} with the per-layer sizes of an hf_oto structure manifest.",
+    })
+    cls.__qualname__ = cls.__name__
+    return cls
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def compressed_class(base_name: str) -> type:
+    """The ``HfOto<base_name>`` class (created once per process)."""
+    if base_name.startswith(CLASS_PREFIX):
+        base_name = base_name[len(CLASS_PREFIX):]
+    if base_name not in _CLASSES:
+        _CLASSES[base_name] = _make_class(base_name)
+    return _CLASSES[base_name]
+
+
+def __getattr__(name: str) -> type:
+    # Lets transformers (and pickle) find HfOto<Base> classes by name in this module.
+    if name.startswith(CLASS_PREFIX) and len(name) > len(CLASS_PREFIX):
+        return compressed_class(name[len(CLASS_PREFIX):])
+    raise AttributeError(name)

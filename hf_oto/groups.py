@@ -1,0 +1,368 @@
+"""Zero-invariant groups: the data structure, vectorised group norms and projections.
+
+A group is stored not as a list of tensors but as positions along dimensions: for every
+(tensor, dim) that any group touches there is one :class:`GroupSlice` holding two index tensors,
+the positions along ``dim`` and the group each position belongs to. Group norms are then one
+reduction per slice followed by an ``index_add_`` into a vector over groups, and projecting groups
+to zero is one multiply per slice, whatever the number of groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .graph.config import GroupConfig
+
+
+@dataclass(frozen=True)
+class ZeroInvariantGroup:
+    """One removable structure: a head, an FFN neuron, a conv channel or a hidden dimension.
+
+    Attributes:
+        index: position in :class:`ZeroInvariantGroups`.
+        kind: ``"head"``, ``"neuron"``, ``"channel"`` or ``"hidden"``.
+        layer: the module that holds every parameter of the group (their common prefix).
+        prunable: whether optimizers and :func:`hf_oto.compress` may remove it.
+        reason: why it is not prunable (empty when it is).
+        num_params: parameter entries the group covers.
+        exact: removing the group (when all zero) leaves every output unchanged. False only for
+            hidden dimensions normalised by a LayerNorm/RMSNorm, whose statistics change.
+    """
+
+    index: int
+    kind: str
+    layer: str
+    prunable: bool
+    reason: str
+    num_params: int
+    exact: bool = True
+
+
+@dataclass
+class GroupSlice:
+    """Positions along ``dim`` of tensor ``tensor`` and the group each one belongs to."""
+
+    tensor: str
+    is_param: bool
+    dim: int
+    index: torch.Tensor
+    group: torch.Tensor
+
+
+@dataclass
+class AttributeBinding:
+    """A module attribute holding the size of a prunable dimension (``split_size``, ``num_heads``).
+
+    Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept).
+    """
+
+    module: str
+    attribute: str
+    value: int
+    sign: int
+    group: torch.Tensor
+
+
+class ZeroInvariantGroups:
+    """The zero-invariant groups of one model, as found by :func:`hf_oto.find_groups`.
+
+    Vectorised helpers take a list of tensors aligned with :attr:`param_names` (the parameters,
+    their gradients or any optimizer state of the same shapes).
+
+    Example:
+        >>> from hf_oto import find_groups
+        >>> groups = find_groups(model, example_inputs)          # doctest: +SKIP
+        >>> params = groups.parameters(model)                    # doctest: +SKIP
+        >>> norms = groups.norms(params)                         # one norm per group
+        >>> groups.zero_(params, norms < 1e-3)                   # project small groups to zero
+    """
+
+    def __init__(
+        self,
+        groups: list[ZeroInvariantGroup],
+        slices: list[GroupSlice],
+        tensor_shapes: dict[str, tuple[int, ...]],
+        tensor_aliases: dict[str, list[str]],
+        *,
+        config: GroupConfig | None = None,
+        bindings: list[AttributeBinding] | None = None,
+        unprunable_tensors: dict[str, str] | None = None,
+        unsupported_ops: list[str] | None = None,
+        model_class: str = "",
+        example_inputs: Any = None,
+        analysis_seconds: float = 0.0,
+    ) -> None:
+        self.groups = groups
+        self.slices = slices
+        self.tensor_shapes = {k: tuple(v) for k, v in tensor_shapes.items()}
+        self.tensor_aliases = tensor_aliases
+        self.config = config or GroupConfig()
+        self.bindings = bindings or []
+        self.unprunable_tensors = unprunable_tensors or {}
+        self.unsupported_ops = unsupported_ops or []
+        self.model_class = model_class
+        self.example_inputs = example_inputs
+        self.analysis_seconds = analysis_seconds
+        self._index()
+
+    def _index(self) -> None:
+        names: list[str] = []
+        for s in self.slices:
+            if s.is_param and s.tensor not in names:
+                names.append(s.tensor)
+        #: Canonical names of the parameters some group touches, in a fixed order.
+        self.param_names: list[str] = names
+        pos = {n: i for i, n in enumerate(names)}
+        self._param_slices = [(pos[s.tensor], s) for s in self.slices if s.is_param]
+        self._device_cache: dict[torch.device, list[tuple[int, GroupSlice]]] = {}
+
+    # -- container protocol ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[ZeroInvariantGroup]:
+        return iter(self.groups)
+
+    def __getitem__(self, i: int) -> ZeroInvariantGroup:
+        return self.groups[i]
+
+    def __repr__(self) -> str:
+        return (f"ZeroInvariantGroups({len(self)} groups, {int(self.prunable_mask.sum())} prunable, "
+                f"model={self.model_class or '?'})")
+
+    @property
+    def prunable_mask(self) -> torch.Tensor:
+        return torch.tensor([g.prunable for g in self.groups], dtype=torch.bool)
+
+    @property
+    def num_prunable(self) -> int:
+        return sum(g.prunable for g in self.groups)
+
+    @property
+    def group_sizes(self) -> torch.Tensor:
+        return torch.tensor([g.num_params for g in self.groups], dtype=torch.long)
+
+    # -- binding to a model --------------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError unless ``model`` has every tensor the groups refer to, same shapes."""
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        missing, wrong = [], []
+        for name, shape in self.tensor_shapes.items():
+            t = tensors.get(name)
+            if t is None:
+                missing.append(name)
+            elif tuple(t.shape) != shape:
+                wrong.append(f"{name}: model has {tuple(t.shape)}, groups expect {shape}")
+        if missing or wrong:
+            detail = "; ".join(wrong[:3] + [f"missing {m}" for m in missing[:3]])
+            raise ValueError(
+                "these groups were built for another model (or the model changed since "
+                f"find_groups): {detail}")
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The model's parameters in :attr:`param_names` order (checked against the groups)."""
+        self.check_model(model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return [params[n] for n in self.param_names]
+
+    def _slices_on(self, device: torch.device) -> list[tuple[int, GroupSlice]]:
+        cached = self._device_cache.get(device)
+        if cached is None:
+            cached = [(i, GroupSlice(s.tensor, s.is_param, s.dim, s.index.to(device), s.group.to(device)))
+                      for i, s in self._param_slices]
+            self._device_cache[device] = cached
+        return cached
+
+    # -- vectorised maths ----------------------------------------------------------------------
+    def sq_norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Squared L2 norm of every group, gathered across all the tensors it spans."""
+        device = tensors[0].device if tensors else torch.device("cpu")
+        out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
+        for i, s in self._slices_on(device):
+            t = tensors[i]
+            other = [d for d in range(t.dim()) if d != s.dim]
+            red = torch.linalg.vector_norm(t.float(), 2, dim=other) if other else t.float().abs()
+            out.index_add_(0, s.group, red.square()[s.index])
+        return out
+
+    def norms(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.sq_norms(tensors).sqrt()
+
+    def dots(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-group inner product <a_g, b_g>."""
+        device = a[0].device if a else torch.device("cpu")
+        out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
+        for i, s in self._slices_on(device):
+            prod = a[i].float() * b[i].float()
+            other = [d for d in range(prod.dim()) if d != s.dim]
+            red = prod.sum(dim=other) if other else prod
+            out.index_add_(0, s.group, red[s.index])
+        return out
+
+    def multipliers(self, factors: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
+        """Per parameter, the (dim, vector) multipliers that scale each group by ``factors[g]``."""
+        device = factors.device
+        per_param: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.param_names]
+        for i, s in self._slices_on(device):
+            n = self.tensor_shapes[s.tensor][s.dim]
+            vec = torch.ones(n, dtype=factors.dtype, device=device)
+            vec[s.index] = factors[s.group]
+            per_param[i].append((s.dim, vec))
+        return per_param
+
+    def scale_(self, tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
+        """In place: multiply every entry of group g by ``factors[g]`` (overlaps get the product)."""
+        for t, mults in zip(tensors, self.multipliers(factors.to(tensors[0].device))):
+            for dim, vec in mults:
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                t.mul_(vec.to(t.dtype).view(shape))
+
+    def zero_(self, tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
+        """In place: set every entry of the groups where ``mask`` is True to exactly zero."""
+        mask = mask.to(tensors[0].device if tensors else "cpu")
+        self.scale_(tensors, (~mask.bool()).float())
+
+    def zero_mask(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Groups whose every parameter entry is exactly zero."""
+        return self.sq_norms(tensors) == 0
+
+    # -- counting ----------------------------------------------------------------------------
+    def feasible_removal(self, remove: torch.Tensor) -> torch.Tensor:
+        """``remove`` minus the groups needed so that no dimension of any tensor becomes empty.
+
+        Zero-width layers are not supported by torch (a conv with no output channel) nor by model
+        code that infers a head count with ``-1``; keeping one all-zero group is exact.
+        """
+        remove = remove.bool().cpu().clone()
+        while True:
+            changed = False
+            for s in self.slices:
+                n = self.tensor_shapes[s.tensor][s.dim]
+                if s.index.unique().numel() < n or not remove[s.group].all():
+                    continue
+                remove[s.group[0]] = False
+                changed = True
+            if not changed:
+                return remove
+
+    def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+        """For every tensor that shrinks: dim -> sorted positions to keep."""
+        remove = remove.bool().cpu()
+        plan: dict[str, dict[int, torch.Tensor]] = {}
+        for s in self.slices:
+            drop = s.index[remove[s.group]]
+            if drop.numel() == 0:
+                continue
+            n = self.tensor_shapes[s.tensor][s.dim]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[drop] = False
+            dims = plan.setdefault(s.tensor, {})
+            if s.dim in dims:
+                prev = torch.zeros(n, dtype=torch.bool)
+                prev[dims[s.dim]] = True
+                keep &= prev
+            dims[s.dim] = keep.nonzero().flatten()
+        return plan
+
+    def removed_param_count(self, remove: torch.Tensor) -> int:
+        """Parameter entries that disappear when the groups in ``remove`` are cut."""
+        plan = self.removal_plan(remove)
+        removed = 0
+        for name, dims in plan.items():
+            if not self._is_param(name):
+                continue
+            shape = self.tensor_shapes[name]
+            kept = math.prod(len(dims[d]) if d in dims else n for d, n in enumerate(shape))
+            removed += math.prod(shape) - kept
+        return removed
+
+    def _is_param(self, name: str) -> bool:
+        return any(s.tensor == name and s.is_param for s in self.slices)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A table per layer and kind: how many groups, how many prunable, and why not."""
+        rows: dict[tuple[str, str], list[ZeroInvariantGroup]] = {}
+        for g in self.groups:
+            rows.setdefault((g.layer, g.kind), []).append(g)
+        lines = [f"{self.model_class or 'model'}: {len(self)} zero-invariant groups, "
+                 f"{self.num_prunable} prunable (analysis {self.analysis_seconds:.2f}s)"]
+        header = f"{'layer':<48} {'kind':<8} {'groups':>7} {'prunable':>8}  note"
+        lines += [header, "-" * len(header)]
+        for (layer, kind), gs in rows.items():
+            n_ok = sum(g.prunable for g in gs)
+            reasons = sorted({g.reason for g in gs if not g.prunable})
+            note = "; ".join(reasons)
+            if any(not g.exact for g in gs if g.prunable):
+                note = (note + "; " if note else "") + "approximate: normalised dimension"
+            lines.append(f"{layer or '<model>':<48} {kind:<8} {len(gs):>7} {n_ok:>8}  {note}")
+        if self.unprunable_tensors:
+            lines += ["", "parameters with no prunable structure:"]
+            for name, why in self.unprunable_tensors.items():
+                lines.append(f"  {name}: {why}")
+        if self.unsupported_ops:
+            lines += ["", "ops the analysis did not understand (their structures are unprunable):"]
+            lines += [f"  {op}" for op in self.unsupported_ops]
+        return "\n".join(lines)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{kind: {"total": n, "prunable": m}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for g in self.groups:
+            c = out.setdefault(g.kind, {"total": 0, "prunable": 0})
+            c["total"] += 1
+            c["prunable"] += int(g.prunable)
+        return out
+
+    # -- serialisation -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "model_class": self.model_class,
+            "config": self.config.to_dict(),
+            "groups": [asdict(g) for g in self.groups],
+            "slices": [{"tensor": s.tensor, "is_param": s.is_param, "dim": s.dim,
+                        "index": s.index.tolist(), "group": s.group.tolist()} for s in self.slices],
+            "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
+            "tensor_aliases": self.tensor_aliases,
+            "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
+                          "sign": b.sign, "group": b.group.tolist()} for b in self.bindings],
+            "unprunable_tensors": self.unprunable_tensors,
+            "unsupported_ops": self.unsupported_ops,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ZeroInvariantGroups":
+        if state.get("version") != 1:
+            raise ValueError(f"unknown groups format version {state.get('version')!r}")
+        long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(
+            groups=[ZeroInvariantGroup(**g) for g in state["groups"]],
+            slices=[GroupSlice(s["tensor"], s["is_param"], s["dim"], long(s["index"]), long(s["group"]))
+                    for s in state["slices"]],
+            tensor_shapes={k: tuple(v) for k, v in state["tensor_shapes"].items()},
+            tensor_aliases=state["tensor_aliases"],
+            config=GroupConfig.from_dict(state["config"]),
+            bindings=[AttributeBinding(b["module"], b["attribute"], b["value"], b["sign"], long(b["group"]))
+                      for b in state["bindings"]],
+            unprunable_tensors=state["unprunable_tensors"],
+            unsupported_ops=state["unsupported_ops"],
+            model_class=state["model_class"],
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.state_dict(), f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ZeroInvariantGroups":
+        with open(path) as f:
+            return cls.from_state_dict(json.load(f))
