@@ -59,7 +59,8 @@ class GroupSlice:
 class AttributeBinding:
     """A module attribute holding the size of a prunable dimension (``split_size``, ``num_heads``).
 
-    Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept).
+    Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept),
+    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions.
     """
 
     module: str
@@ -67,6 +68,7 @@ class AttributeBinding:
     value: int
     sign: int
     group: torch.Tensor
+    divisor: int = 1
 
 
 class ZeroInvariantGroups:
@@ -334,7 +336,8 @@ class ZeroInvariantGroups:
             "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
             "tensor_aliases": self.tensor_aliases,
             "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
-                          "sign": b.sign, "group": b.group.tolist()} for b in self.bindings],
+                          "sign": b.sign, "group": b.group.tolist(), "divisor": b.divisor}
+                         for b in self.bindings],
             "unprunable_tensors": self.unprunable_tensors,
             "unsupported_ops": self.unsupported_ops,
         }
@@ -351,8 +354,8 @@ class ZeroInvariantGroups:
             tensor_shapes={k: tuple(v) for k, v in state["tensor_shapes"].items()},
             tensor_aliases=state["tensor_aliases"],
             config=GroupConfig.from_dict(state["config"]),
-            bindings=[AttributeBinding(b["module"], b["attribute"], b["value"], b["sign"], long(b["group"]))
-                      for b in state["bindings"]],
+            bindings=[AttributeBinding(b["module"], b["attribute"], b["value"], b["sign"], long(b["group"]),
+                                       b["divisor"]) for b in state["bindings"]],
             unprunable_tensors=state["unprunable_tensors"],
             unsupported_ops=state["unsupported_ops"],
             model_class=state["model_class"],

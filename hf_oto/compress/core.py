@@ -90,7 +90,10 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
     wanted: dict[tuple[str, str], set[int]] = {}
     for b in groups.bindings:
         kept = int(((b.group < 0) | ~remove[b.group.clamp(min=0)]).sum())
-        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept)
+        if kept % b.divisor:
+            raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
+                                   f"positions but {kept} positions remain")
+        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:

@@ -76,50 +76,92 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _bind_sites(trace: TraceResult) -> list[tuple[str, str, SizeSite]]:
-    """Attach each literal size to the module attribute that holds it, or flag the dimension."""
-    bound: list[tuple[str, str, SizeSite]] = []
+def _unit_size(labels: np.ndarray) -> int:
+    """How many positions each atom holds along a dimension, when that is uniform.
+
+    After ``(h, d) -> h*d`` each head's atom fills ``d`` positions; after ``(b, h) -> b*h`` it
+    fills ``b``. A literal size there is the number of units times this multiplicity.
+    """
+    _, counts = np.unique(labels[labels >= 0], return_counts=True)
+    return int(counts[0]) if counts.size and (counts == counts[0]).all() else 1
+
+
+_COUNT_NAME = re.compile(r"head|num_|^n_|count", re.I)
+_NOT_A_COUNT = re.compile(r"dim|size", re.I)
+
+
+def _attributes_equal_to(module: torch.nn.Module, value: int, counts_units: bool) -> list[str]:
+    """Integer attributes of ``module`` equal to ``value``; among several, the names that fit the
+    role win (a count of heads vs. a width), so ``num_heads == head_dim`` is not ambiguous."""
+    matches = [k for k, v in vars(module).items()
+               if type(v) is int and v == value and not _NEVER_A_SIZE.match(k) and not k.startswith("_")]
+    if len(matches) <= 1:
+        return matches
+    if counts_units:
+        preferred = [k for k in matches if _COUNT_NAME.search(k) and not _NOT_A_COUNT.search(k)]
+    else:
+        preferred = [k for k in matches if _SIZE_NAME.search(k)]
+    return preferred or matches
+
+
+def _bind_sites(trace: TraceResult, structural: np.ndarray) -> list[tuple[str, str, int, SizeSite]]:
+    """Attach each literal size to the module attribute that holds it, or flag the dimension.
+
+    A literal like ``self.num_heads * self.head_dim`` has no attribute of its own: when the
+    dimension is made of equal units (heads), the attribute holding the number of units is bound
+    with the unit size as divisor.
+    """
+    bound: list[tuple[str, str, int, SizeSite]] = []
     for site in trace.sites:
+        atoms = site.labels[site.labels >= 0]
+        if not structural[atoms].any():
+            continue  # the dimension never meets a parameter's structure (a sequence length)
+        value = abs(site.value)
+        unit = _unit_size(site.labels)
         path = site.module
-        candidates: list[str] = []
+        found: list[tuple[str, int]] = []
         while True:
             module = trace.modules.get(path)
             if module is not None:
-                matches = [k for k, v in vars(module).items()
-                           if type(v) is int and v == abs(site.value) and not _NEVER_A_SIZE.match(k)
-                           and not k.startswith("_")]
-                sized = [k for k in matches if _SIZE_NAME.search(k)]
-                candidates = sized or matches
-            if candidates or not path:
+                found = [(a, 1) for a in _attributes_equal_to(module, value, site.units)]
+                if not found and unit > 1 and value % unit == 0:
+                    found = [(a, unit) for a in _attributes_equal_to(module, value // unit, True)]
+            if found or not path:
                 break
             path = path.rpartition(".")[0]
-        if not candidates:
+        if not found:
             trace.atoms.flag(site.labels, UNPRUNABLE,
                              f"module '{site.module or '<root>'}' writes the size {site.value} of this "
                              f"dimension in its code ({site.op}) and holds it in no attribute")
             continue
-        bound.extend((path, attr, site) for attr in candidates)
+        bound.extend((path, attr, divisor, site) for attr, divisor in found)
     return bound
 
 
-def _multiset(roots: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return np.sort(roots[labels[labels >= 0]])
+def _multiset(roots: np.ndarray, labels: np.ndarray, divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Components along a dimension with their multiplicities (in units of ``divisor``)."""
+    comps, counts = np.unique(roots[labels[labels >= 0]], return_counts=True)
+    return comps, counts / divisor
+
+
+def _same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def _check_consistency(trace: TraceResult, bound, roots: np.ndarray) -> None:
     """Sizes that must stay equal (split chunks, one attribute used twice) must shrink alike."""
     for eq in trace.equal_shrink:
         first = _multiset(roots, eq.parts[0])
-        if any(not np.array_equal(first, _multiset(roots, p)) for p in eq.parts[1:]):
+        if any(not _same(first, _multiset(roots, p)) for p in eq.parts[1:]):
             for p in eq.parts:
                 trace.atoms.flag(p, UNPRUNABLE, f"chunks of {eq.op} in '{eq.module}' would shrink unequally")
-    by_attr: dict[tuple[str, str], list[SizeSite]] = {}
-    for path, attr, site in bound:
-        by_attr.setdefault((path, attr), []).append(site)
+    by_attr: dict[tuple[str, str], list[tuple[SizeSite, int]]] = {}
+    for path, attr, divisor, site in bound:
+        by_attr.setdefault((path, attr), []).append((site, divisor))
     for (path, attr), sites in by_attr.items():
-        first = _multiset(roots, sites[0].labels)
-        if any(not np.array_equal(first, _multiset(roots, s.labels)) for s in sites[1:]):
-            for s in sites:
+        first = _multiset(roots, sites[0][0].labels, sites[0][1])
+        if any(not _same(first, _multiset(roots, s.labels, d)) for s, d in sites[1:]):
+            for s, _ in sites:
                 trace.atoms.flag(s.labels, UNPRUNABLE,
                                  f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
 
@@ -144,11 +186,18 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             for lab in labels:
                 if lab is not None:
                     atoms.flag(lab, UNPRUNABLE, "parameter not used in the traced forward pass")
-    bound = _bind_sites(trace)
     roots = atoms.components()
+    structure = atoms.component_flags(roots).get(STRUCTURE, {})
+    param_atoms = np.zeros(atoms.n, dtype=bool)
+    for o in atoms.owners:
+        if o.is_param:
+            param_atoms[o.start:o.start + o.size] = True
+    has_param = np.zeros(atoms.n, dtype=bool)
+    has_param[roots[param_atoms]] = True
+    structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
+    bound = _bind_sites(trace, structural)
     _check_consistency(trace, bound, roots)
     flags = atoms.component_flags(roots)
-    structure = flags.get(STRUCTURE, {})
     blocked = flags.get(UNPRUNABLE, {})
 
     # Groups: components with a parameter slice in a channel role.
@@ -202,10 +251,11 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                                          exact=comp not in mixed))
 
     bindings = []
-    for path, attr, site in bound:
+    for path, attr, divisor, site in bound:
         comps = np.where(site.labels >= 0, roots[np.maximum(site.labels, 0)], -1)
         gids = np.where(comps >= 0, gid_of[np.maximum(comps, 0)], -1)
-        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids.copy())))
+        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids.copy()),
+                                         divisor))
 
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
     return ZeroInvariantGroups(

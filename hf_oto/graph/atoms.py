@@ -56,6 +56,12 @@ class AtomTable:
         self.owners.append(AtomOwner(tensor, is_param, dim, start, size))
         return np.arange(start, start + size, dtype=np.int64)
 
+    def allocate_virtual(self, size: int) -> np.ndarray:
+        """Atoms for a tensor the model creates with a literal size (``torch.zeros(1, h, s, s)``)."""
+        start = self.n
+        self.n += size
+        return np.arange(start, start + size, dtype=np.int64)
+
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Union position-wise; positions where either side is -1 are skipped."""
         keep = (a >= 0) & (b >= 0) & (a != b)

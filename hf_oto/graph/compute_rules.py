@@ -185,15 +185,16 @@ def dot(ctx: OpContext, args, kwargs, out):
 
 
 def attention(ctx: OpContext, args, kwargs, out):
-    """Fused scaled-dot-product attention, grouped-query aware: query head j reads kv head j // r."""
+    """Fused scaled-dot-product attention, grouped-query aware: query head j reads kv head j // r.
+
+    The mask is added to the scores ``[..., heads, L, S]``: a per-head bias (T5's relative
+    attention bias, Swin's position bias) shrinks with the heads.
+    """
     q, k, v = args[0], args[1], args[2]
     lq, lk, lv = ctx.lab(q), ctx.lab(k), ctx.lab(v)
     mask = kwargs.get("attn_mask", kwargs.get("attn_bias"))
     if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
         mask = args[3]
-    if isinstance(mask, torch.Tensor):
-        for lab in ctx.lab(mask):
-            ctx.unprunable(lab, "attention mask built from prunable structure")
     lead = q.dim() - 3
     batch = [ctx.merge([lq[d], lk[d], lv[d]], "attention batch") if any(
         x is not None for x in (lq[d], lk[d], lv[d])) else None for d in range(lead)]
@@ -204,22 +205,40 @@ def attention(ctx: OpContext, args, kwargs, out):
     expanded = np.repeat(kv_heads, rep) if kv_heads is not None else None
     heads = ctx.merge([lq[lead], expanded], "query heads sharing a key/value head") if (
         lq[lead] is not None or expanded is not None) else None
+    contract(ctx, lq[-1], lk[-1])
+    keys = ctx.merge([lk[-2], lv[-2]], "key/value sequence") if (
+        lk[-2] is not None or lv[-2] is not None) else None
+    scores = batch + [heads, lq[-2], keys]
+    if isinstance(mask, torch.Tensor):
+        shape = list(q.shape[:lead + 2]) + [k.shape[-2]]
+        scores = _merge_broadcast(ctx, scores, shape, mask, "attention mask")
+    heads = scores[lead]
     for lab in (heads, kv_heads):
         ctx.mark(lab, HEAD)
         ctx.mark(lab, STRUCTURE)
-    contract(ctx, lq[-1], lk[-1])
-    if lk[-2] is not None or lv[-2] is not None:
-        ctx.merge([lk[-2], lv[-2]], "key/value sequence")
-    result = batch + [heads, lq[-2], lv[-1]]
+    result = scores[:lead] + [heads, scores[lead + 1], lv[-1]]
     if isinstance(out, (tuple, list)):
         rest = []
         for o in out[1:]:
             if isinstance(o, torch.Tensor) and o.dim() == lead + 2:  # logsumexp [.., H, L]
-                rest.append(batch + [heads, lq[-2]])
+                rest.append(scores[:lead] + [heads, scores[lead + 1]])
             else:
                 rest.append(None)
         return [result] + rest
     return result
+
+
+def _merge_broadcast(ctx: OpContext, labels: list, shape: list[int], other: torch.Tensor, what: str) -> list:
+    """Merge ``other``'s labels into dims of ``shape`` it is broadcast against (full-size dims)."""
+    lo = ctx.lab(other)
+    res = list(labels)
+    nd = len(shape)
+    for d in range(nd):
+        kdim = d - (nd - other.dim())
+        if kdim >= 0 and other.shape[kdim] == shape[d] and shape[d] > 1:
+            if res[d] is not None or lo[kdim] is not None:
+                res[d] = ctx.merge([res[d], lo[kdim]], what)
+    return res
 
 
 # -- convolution -----------------------------------------------------------------------------

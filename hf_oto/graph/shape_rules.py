@@ -46,6 +46,7 @@ def reshape_labels(
     in_shape = list(x.shape)
     in_labels = ctx.lab(x)
     out: list[np.ndarray | None] = [None] * len(out_shape)
+    coarsened: set[int] = set()
     if x.numel() == 0:
         return out
     for bi, bo in _blocks(in_shape, list(out_shape)):
@@ -81,10 +82,11 @@ def reshape_labels(
                 ctx.atoms.union(rows.reshape(-1), np.repeat(first, rows.shape[1]))
                 ctx.mark(first, COARSENED)
                 out[bo[k]] = first
+                coarsened.add(bo[k])
     if literal is not None:
         for k, lab in enumerate(out):
             if lab is not None and k < len(literal):
-                ctx.site(int(literal[k]), lab, "reshape size")
+                ctx.site(int(literal[k]), lab, "reshape size", units=k in coarsened)
     return out
 
 

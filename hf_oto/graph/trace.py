@@ -45,7 +45,18 @@ _EXPLICIT_SHAPE_FUNCTIONS = {
     torch.Tensor.new_full,
     torch.Tensor.repeat,
     torch.Tensor.__setitem__,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.rand,
+    torch.randn,
 }
+
+# ATen factories: a tensor made with literal sizes can shrink with what it meets, if an attribute
+# holds the size.
+_FACTORIES = {"zeros", "ones", "full", "empty", "rand", "randn", "new_zeros", "new_ones",
+              "new_full", "new_empty"}
 
 _SIZE_READERS = {torch.Tensor.size, torch.Tensor.shape.__get__}
 
@@ -63,6 +74,7 @@ class SizeSite:
     value: int
     labels: np.ndarray
     sign: int = 1
+    units: bool = False  # the dimension counts whole units (heads) made by a reshape
 
 
 @dataclass
@@ -130,7 +142,8 @@ class OpContext:
             self.atoms.union(out, a)
             out = np.where(out >= 0, out, a)
         if len(labeled) < len(arrays):
-            self.unprunable(out, f"{what} with a dimension that cannot shrink")
+            self.unprunable(out, f"{what} with a dimension that cannot shrink (a model input or a "
+                                 "tensor built with a fixed size)")
         else:
             for a in labeled:
                 bad = (a < 0) & (out >= 0)
@@ -138,7 +151,7 @@ class OpContext:
                     self.unprunable(out[bad], f"{what} with positions that cannot shrink")
         return out
 
-    def site(self, value: int, labels: np.ndarray, what: str, sign: int = 1) -> None:
+    def site(self, value: int, labels: np.ndarray, what: str, sign: int = 1, units: bool = False) -> None:
         """Record a literal size for a labelled dimension, unless it came from the tensor itself."""
         if not self.tracer.explicit_sizes or value == -1:
             return
@@ -147,7 +160,7 @@ class OpContext:
         for seen in self.tracer.size_reads.get(int(value), ()):  # read via x.size()/x.shape
             if seen.shape == labels.shape and np.array_equal(seen, labels):
                 return
-        self.tracer.sites.append(SizeSite(self.module, f"{what} ({self.func})", int(value), labels, sign))
+        self.tracer.sites.append(SizeSite(self.module, f"{what} ({self.func})", int(value), labels, sign, units))
 
     def equal_shrink(self, parts: list[np.ndarray]) -> None:
         if len(parts) > 1:
@@ -249,6 +262,9 @@ class ChannelTracer:
                 self.size_reads.setdefault(int(tensor.shape[d]), []).append(labels[d])
 
     def record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.explicit_sizes and func.overloadpacket.__name__ in _FACTORIES and isinstance(out, torch.Tensor):
+            self._label_factory(func, out)
+            return
         flat, _ = tree_flatten((args, kwargs))
         labeled = False
         for t in flat:
@@ -279,6 +295,18 @@ class ChannelTracer:
                 )
         result = rule(ctx, args, kwargs, out)
         self._assign(out, result)
+
+    def _label_factory(self, func: Any, out: torch.Tensor) -> None:
+        ctx = OpContext(self, func)
+        labels: list[np.ndarray | None] = []
+        for size in out.shape:
+            if size > 1:
+                lab = self.atoms.allocate_virtual(size)
+                ctx.site(size, lab, "tensor size")
+                labels.append(lab)
+            else:
+                labels.append(None)
+        self._assign(out, labels)
 
     def _assign(self, out: Any, result: Any) -> None:
         if isinstance(out, torch.Tensor):

@@ -1,0 +1,114 @@
+"""Compressed models save as standard safetensors + manifest and reload exactly elsewhere."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import outputs, relative_difference, zero_random_groups
+
+import hf_oto
+from hf_oto import compress, find_groups
+from hf_oto.compress.modeling_hf_oto import auto_classes_for
+from hf_oto.testing.zoo import TRANSFORMERS_ZOO, build
+
+PLAIN = ["vgg-bn", "densenet-block", "unet", "mobilenet-block"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Compress every Transformers zoo model and save it with reference outputs."""
+    root = tmp_path_factory.mktemp("saved")
+    cases = {}
+    for name in TRANSFORMERS_ZOO:
+        model, inputs = build(name)
+        groups = find_groups(model, inputs)
+        zero_random_groups(model, groups, 0.5)
+        small = compress(model, groups).eval()
+        path = root / name
+        small.save_pretrained(path)
+        torch.save({"inputs": inputs, "outputs": outputs(small, inputs)}, path / "reference.pt")
+        cases[name] = (small, path)
+    return cases
+
+
+def test_saved_files_and_manifest(saved):
+    for name, (small, path) in saved.items():
+        files = set(os.listdir(path))
+        assert {"config.json", "model.safetensors", "modeling_hf_oto.py"} <= files, name
+        config = json.loads((path / "config.json").read_text())
+        manifest = config["hf_oto_manifest"]
+        base = manifest["base_class"]
+        assert set(config["auto_map"]) == set(auto_classes_for(base))
+        for tensor, shape in manifest["shapes"].items():
+            assert list(small.get_parameter(tensor).shape if tensor in dict(small.named_parameters())
+                        else small.get_buffer(tensor).shape) == shape
+
+
+def test_reload_in_fresh_process(saved, tmp_path):
+    """trust_remote_code, hf_oto.from_pretrained and a re-save all give the same outputs."""
+    script = textwrap.dedent("""
+        import sys, torch, json, transformers
+        import hf_oto
+        from hf_oto.compress.core import _run, max_relative_difference
+        worst = {}
+        for path in sys.argv[1:]:
+            ref = torch.load(path + "/reference.pt")
+            auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
+            remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
+            assert type(remote).__module__.startswith("transformers_modules"), type(remote).__module__
+            remote.save_pretrained(path + "-resaved")
+            again = getattr(transformers, auto).from_pretrained(path + "-resaved", trust_remote_code=True)
+            local = hf_oto.from_pretrained(path)
+            worst[path] = max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"]))
+                              for m in (remote, again, local))
+        print(json.dumps(worst))
+    """)
+    paths = [str(p) for _, p in saved.values()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(worst) == set(paths)
+    assert all(v == 0.0 for v in worst.values()), worst
+
+
+def test_plain_reload_without_manifest_fails_loudly(saved):
+    """Without the manifest class, Transformers refuses the shapes instead of loading garbage."""
+    from transformers import BertForQuestionAnswering
+
+    _, path = saved["bert-qa"]
+    with pytest.raises(Exception, match="size|shape"):
+        BertForQuestionAnswering.from_pretrained(path)
+
+
+def test_recompressing_a_compressed_model_keeps_one_manifest(tmp_path):
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.3, seed=1)
+    small = compress(model, groups)
+    groups2 = find_groups(small, inputs)
+    zero_random_groups(small, groups2, 0.3, seed=2)
+    smaller = compress(small, groups2)
+    smaller.save_pretrained(tmp_path)
+    again = hf_oto.from_pretrained(tmp_path)
+    assert relative_difference(outputs(smaller, inputs), outputs(again, inputs)) == 0
+    assert sum(p.numel() for p in again.parameters()) < sum(p.numel() for p in small.parameters())
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_module_save_and_reload(name, tmp_path):
+    model, inputs = build(name)
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.5)
+    small = compress(model, groups).eval()
+    hf_oto.save_pretrained(small, tmp_path)
+    fresh, _ = build(name)
+    again = hf_oto.from_pretrained(tmp_path, model=fresh).eval()
+    assert relative_difference(outputs(small, inputs), outputs(again, inputs)) == 0
+    with pytest.raises(ValueError, match="model="):
+        hf_oto.from_pretrained(tmp_path)
