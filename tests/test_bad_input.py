@@ -152,3 +152,22 @@ def test_inplace_compression_modifies_the_model():
     assert result is model
     assert sum(p.numel() for p in model.parameters()) < before
     assert relative_difference(reference, outputs(model, inputs)) <= 1e-5
+
+
+def test_compress_by_ratio_removes_smallest_groups():
+    model, inputs = build("vgg-bn")
+    groups = find_groups(model, inputs)
+    params = groups.parameters(model)
+    norms = groups.norms(params)
+    small = compress(model, groups, ratio=0.5)
+    removed = int(0.5 * groups.num_prunable)
+    before = sum(p.numel() for p in model.parameters())
+    expected_mask = torch.zeros(len(groups), dtype=torch.bool)
+    prunable = groups.prunable_mask.nonzero().flatten()
+    expected_mask[prunable[torch.argsort(norms[prunable], stable=True)[:removed]]] = True
+    expected = before - groups.removed_param_count(groups.feasible_removal(expected_mask))
+    assert sum(p.numel() for p in small.parameters()) == expected
+    assert torch.equal(groups.norms(groups.parameters(model)), norms)  # input untouched
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ratio"):
+            compress(model, groups, ratio=bad)

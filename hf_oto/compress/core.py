@@ -11,7 +11,7 @@ from torch import nn
 
 from ..graph.inputs import call_with
 from ..groups import ZeroInvariantGroups
-from .modeling_hf_oto import MANIFEST_KEY, MANIFEST_VERSION, compressed_class
+from .manifest import update_manifest
 
 
 class CompressionError(ValueError):
@@ -23,6 +23,7 @@ def compress(
     groups: ZeroInvariantGroups,
     *,
     remove: torch.Tensor | None = None,
+    ratio: float | None = None,
     inplace: bool = False,
     verify: bool = True,
     rtol: float = 1e-5,
@@ -37,6 +38,9 @@ def compress(
         groups: the groups :func:`hf_oto.find_groups` found for this model.
         remove: a boolean mask over groups to remove instead of the all-zero ones (use with
             care: groups that are not zero change the outputs, and ``verify`` is skipped).
+        ratio: remove this fraction of the prunable groups, those with the smallest norms,
+            whether or not they are zero (for models trained to be robust to pruning, such as
+            with :class:`hf_oto.optim.SFW`); ``verify`` is skipped.
         inplace: slice ``model`` itself instead of a copy.
         verify: run the groups' example inputs through both models and raise
             :class:`CompressionError` if the outputs differ by more than ``rtol`` times their scale.
@@ -47,6 +51,10 @@ def compress(
     """
     groups.check_model(model)
     params = groups.parameters(model)
+    if ratio is not None:
+        if remove is not None:
+            raise ValueError("pass either remove or ratio, not both")
+        remove = smallest_groups(groups, params, ratio)
     if remove is None:
         with torch.no_grad():
             remove = groups.zero_mask(params).cpu() & groups.prunable_mask
@@ -78,11 +86,25 @@ def compress(
         module = target.get_submodule(path)
         for attr, value in attrs.items():
             setattr(module, attr, value)
-    _record_manifest(target, shapes, attribute_updates)
+    update_manifest(target, shapes=shapes, attributes=attribute_updates)
 
     if reference is not None:
         _verify(reference, _run(target, groups.example_inputs), rtol)
     return target
+
+
+def smallest_groups(groups: ZeroInvariantGroups, params, ratio: float) -> torch.Tensor:
+    """Mask of the ``ratio`` fraction of prunable groups with the smallest L2 norms."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    prunable = groups.prunable_mask.nonzero().flatten()
+    count = int(ratio * prunable.numel())
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    if count:
+        with torch.no_grad():
+            norms = groups.norms(params).cpu()[prunable]
+        mask[prunable[torch.argsort(norms, stable=True)[:count]]] = True
+    return mask
 
 
 def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[str, dict[str, Any]]:
@@ -182,35 +204,6 @@ def _merge(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[s
     for k, v in b.items():
         out.setdefault(k, {}).update(v)
     return out
-
-
-def _record_manifest(model: nn.Module, shapes: dict[str, list[int]], attributes: dict[str, dict[str, Any]]) -> None:
-    """Store the new sizes where saving finds them; for Transformers, switch to HfOto<Base>."""
-    config = getattr(model, "config", None)
-    previous = (getattr(config, MANIFEST_KEY, None) if config is not None
-                else getattr(model, "_hf_oto_manifest", None)) or {}
-    base_class = previous.get("base_class", type(model).__name__)
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "base_class": base_class,
-        "shapes": {**previous.get("shapes", {}), **shapes},
-        "attributes": _merge(previous.get("attributes", {}), _jsonable(attributes)),
-    }
-    if config is not None and isinstance(model, _pretrained_model_type()):
-        setattr(config, MANIFEST_KEY, manifest)
-        model.__class__ = compressed_class(base_class)
-    else:
-        model._hf_oto_manifest = manifest
-
-
-def _jsonable(attributes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {p: {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()} for p, a in attributes.items()}
-
-
-def _pretrained_model_type() -> type:
-    from transformers import PreTrainedModel
-
-    return PreTrainedModel
 
 
 def _run(model: nn.Module, inputs: Any) -> list[torch.Tensor]:

@@ -4,8 +4,9 @@ This file is copied next to the weights of every saved compressed model, so it i
 ``torch`` and ``transformers``: ``AutoModelFor*.from_pretrained(path, trust_remote_code=True)``
 loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the installed copy.
 
-The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the new shape of every
-resized tensor and the new value of every changed module attribute. A ``HfOto<Base>`` class builds
+The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the layers replaced by
+new layer types (``modules``), the new shape of every resized tensor (``shapes``) and the new
+value of every changed module attribute (``attributes``). A ``HfOto<Base>`` class builds
 ``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
 checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
 """
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 import transformers
 
+from .hf_oto_layers import LAYER_TYPES
+
 MANIFEST_KEY = "hf_oto_manifest"
 MANIFEST_VERSION = 1
 CLASS_PREFIX = "HfOto"
@@ -26,6 +29,17 @@ def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -
     """Resize tensors and set attributes of a freshly built ``model`` as the manifest says."""
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"unsupported hf_oto manifest version {manifest.get('version')!r}")
+    for path, spec in manifest.get("modules", {}).items():
+        layer_type = LAYER_TYPES.get(spec.get("type"))
+        if layer_type is None:
+            raise ValueError(f"unknown hf_oto layer type {spec.get('type')!r} for module {path!r}")
+        old = model.get_submodule(path)
+        new = layer_type.from_manifest(spec)
+        try:
+            new = new.to(device=next(old.parameters()).device)
+        except StopIteration:
+            pass
+        model.set_submodule(path, new)
     for name, shape in manifest.get("shapes", {}).items():
         module_path, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_path)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from .manifest import get_manifest
 from .modeling_hf_oto import MANIFEST_KEY, apply_structure_manifest, compressed_class
 
 PLAIN_MANIFEST_FILE = "hf_oto_structure.json"
@@ -28,8 +29,7 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, *
         model.save_pretrained(save_directory, **kwargs)
         return
     os.makedirs(save_directory, exist_ok=True)
-    manifest = getattr(model, "_hf_oto_manifest", None) or {"version": 1, "shapes": {}, "attributes": {}}
-    manifest = {**manifest, "base_class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    manifest = {**get_manifest(model), "base_class": f"{type(model).__module__}.{type(model).__qualname__}"}
     with open(os.path.join(save_directory, PLAIN_MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=2)
     save_model(model, os.path.join(save_directory, PLAIN_WEIGHTS_FILE))

@@ -1,0 +1,110 @@
+"""Zero-invariant groups and exact compression across the model zoo.
+
+For every zoo model: find the groups, zero a random 45% of the prunable ones, compress, compare
+outputs with the sparse model, save and reload. Then time the analysis and ``compress`` on a
+BERT-base-size model (12 layers, hidden 768), whose targets are < 10 s and < 2 s on 2 CPU cores.
+
+    python bench/zoo.py            # whole table
+    python bench/zoo.py --skip-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import hf_oto  # noqa: E402
+from hf_oto import compress, find_groups  # noqa: E402
+from hf_oto.compress.core import _run  # noqa: E402
+from hf_oto.testing.zoo import TRANSFORMERS_ZOO, ZOO, build  # noqa: E402
+
+
+def zero_fraction(model, groups, fraction: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mask = groups.prunable_mask & (torch.rand(len(groups), generator=gen) < fraction)
+    with torch.no_grad():
+        groups.zero_(groups.parameters(model), mask)
+    return mask
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.is_floating_point())
+
+
+def zoo_row(name: str) -> dict:
+    model, inputs = build(name)
+    start = time.perf_counter()
+    groups = find_groups(model, inputs)
+    analysis = time.perf_counter() - start
+    zero_fraction(model, groups, 0.45)
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    small = compress(model, groups).eval()
+    compress_s = time.perf_counter() - start
+    after = sum(p.numel() for p in small.parameters())
+    reference, result = _run(model, inputs), _run(small, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_oto.save_pretrained(small, tmp)
+        fresh = None if name in TRANSFORMERS_ZOO else build(name)[0]
+        again = hf_oto.from_pretrained(tmp, model=fresh) if fresh is not None else hf_oto.from_pretrained(tmp)
+        reload_ok = max_abs_diff(result, _run(again, inputs)) == 0.0
+    counts = groups.counts()
+    found = ", ".join(f"{k} {v['prunable']}/{v['total']}" for k, v in sorted(counts.items()))
+    return {"model": name, "groups": found, "analysis_s": analysis, "compress_s": compress_s,
+            "params": f"{before} -> {after}", "max_abs_diff": max_abs_diff(reference, result),
+            "reload": "ok" if reload_ok else "FAILED"}
+
+
+def bert_base_row() -> dict:
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig()).eval()
+    start = time.perf_counter()
+    groups = find_groups(model)
+    analysis = time.perf_counter() - start
+    zero_fraction(model, groups, 0.45)
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    small = compress(model, groups)
+    compress_s = time.perf_counter() - start
+    after = sum(p.numel() for p in small.parameters())
+    diff = max_abs_diff(_run(model, groups.example_inputs), _run(small, groups.example_inputs))
+    counts = groups.counts()
+    found = ", ".join(f"{k} {v['prunable']}/{v['total']}" for k, v in sorted(counts.items()))
+    return {"model": "bert-base (12x768)", "groups": found, "analysis_s": analysis, "compress_s": compress_s,
+            "params": f"{before} -> {after}", "max_abs_diff": diff, "reload": "-"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-base", action="store_true", help="skip the BERT-base timing row")
+    parser.add_argument("--models", nargs="*", default=list(ZOO), help="zoo models to run")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    rows = [zoo_row(n) for n in args.models]
+    if not args.skip_base:
+        rows.append(bert_base_row())
+    header = f"{'model':<20} {'analysis s':>10} {'compress s':>10} {'params before -> after':>24} {'max |diff|':>10} {'reload':>6}  groups (prunable/total)"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<20} {r['analysis_s']:>10.3f} {r['compress_s']:>10.3f} {r['params']:>24} "
+              f"{r['max_abs_diff']:>10.2e} {r['reload']:>6}  {r['groups']}")
+    base = rows[-1] if not args.skip_base else None
+    if base:
+        print(f"\nBERT-base: analysis {base['analysis_s']:.2f} s (target < 10 s), "
+              f"compress {base['compress_s']:.2f} s (target < 2 s, includes the exactness check)")
+
+
+if __name__ == "__main__":
+    main()

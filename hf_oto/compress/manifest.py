@@ -1,0 +1,67 @@
+"""Recording structural changes in a model's manifest, so that saving and loading keep them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .modeling_hf_oto import MANIFEST_KEY, MANIFEST_VERSION, compressed_class
+
+
+def get_manifest(model: nn.Module) -> dict[str, Any]:
+    """The model's current manifest (empty sections if it was never changed)."""
+    config = getattr(model, "config", None)
+    found = getattr(config, MANIFEST_KEY, None) if config is not None else getattr(model, "_hf_oto_manifest", None)
+    found = found or {}
+    return {
+        "version": MANIFEST_VERSION,
+        "base_class": found.get("base_class", type(model).__name__),
+        "modules": dict(found.get("modules", {})),
+        "shapes": dict(found.get("shapes", {})),
+        "attributes": {k: dict(v) for k, v in found.get("attributes", {}).items()},
+    }
+
+
+def update_manifest(
+    model: nn.Module,
+    *,
+    shapes: dict[str, list[int]] | None = None,
+    attributes: dict[str, dict[str, Any]] | None = None,
+    modules: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Merge changes into the model's manifest and store it where saving finds it.
+
+    ``modules`` maps module paths to layers already set in the model; their classes must be
+    registered in ``hf_oto_layers.LAYER_TYPES`` so that loading can rebuild them. Shapes and
+    attributes recorded earlier for a replaced module are dropped. Transformers models switch to
+    the ``HfOto<Base>`` class, which saves the manifest with ``save_pretrained``.
+
+    Example:
+        >>> layer = QuantizedLinear.from_linear(model.classifier)    # doctest: +SKIP
+        >>> model.classifier = layer                                  # doctest: +SKIP
+        >>> update_manifest(model, modules={"classifier": layer})     # doctest: +SKIP
+    """
+    manifest = get_manifest(model)
+    for path, module in (modules or {}).items():
+        spec = module.manifest_spec()
+        if "type" not in spec:
+            raise ValueError(f"{type(module).__name__}.manifest_spec() must name its 'type'")
+        manifest["modules"][path] = spec
+        prefix = path + "."
+        manifest["shapes"] = {k: v for k, v in manifest["shapes"].items() if not k.startswith(prefix)}
+        manifest["attributes"] = {k: v for k, v in manifest["attributes"].items()
+                                  if k != path and not k.startswith(prefix)}
+    manifest["shapes"].update(shapes or {})
+    for path, attrs in (attributes or {}).items():
+        manifest["attributes"].setdefault(path, {}).update(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()})
+    config = getattr(model, "config", None)
+    from transformers import PreTrainedModel
+
+    if config is not None and isinstance(model, PreTrainedModel):
+        setattr(config, MANIFEST_KEY, manifest)
+        model.__class__ = compressed_class(manifest["base_class"])
+    else:
+        model._hf_oto_manifest = manifest
+    return manifest

@@ -1,0 +1,103 @@
+"""The protocol through which :class:`hf_oto.OTOTrainer` drives a compression method.
+
+A method is chosen by name (``OTOTrainingArguments(oto_method="dhspg")``). The trainer calls, in
+order:
+
+1. ``prepare(model, groups)`` once, before the optimizer exists (a method may wrap layers);
+2. ``create_optimizer(model, groups, settings)`` for the optimizer (``None``: the trainer's
+   default AdamW over all trainable parameters);
+3. ``regularizer(model)`` each step, added to the loss when not ``None``;
+4. ``on_step_end(model, step)`` after each optimizer step (schedules, projections);
+5. ``metrics(model, groups)`` when logging (floats, e.g. ``group_sparsity``);
+6. ``finalize(model, groups)`` after training: the compressed model, whose outputs must equal the
+   trained model's (``exact = True``) or approximate them (``exact = False``).
+
+``state_dict``/``load_state_dict`` keep whatever the method needs to resume bit for bit (the
+optimizer's own state is saved by the trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..groups import ZeroInvariantGroups
+
+
+@dataclass
+class TrainingSettings:
+    """What the trainer knows that a method may need to build its optimizer or schedule."""
+
+    learning_rate: float
+    weight_decay: float = 0.0
+    total_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific (oto_method_kwargs)
+
+
+class CompressionMethod:
+    """Base class: every hook is optional except :meth:`finalize`."""
+
+    #: Name used in ``OTOTrainingArguments.oto_method``.
+    name: ClassVar[str] = ""
+    #: Whether the method needs zero-invariant groups (``find_groups`` runs first).
+    needs_groups: ClassVar[bool] = True
+    #: Whether ``finalize`` reproduces the trained model's outputs exactly.
+    exact: ClassVar[bool] = True
+
+    def prepare(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
+        return model
+
+    def create_optimizer(self, model: nn.Module, groups: ZeroInvariantGroups | None,
+                         settings: TrainingSettings) -> torch.optim.Optimizer | None:
+        return None
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def metrics(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> dict[str, float]:
+        return {}
+
+    def finalize(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+_REGISTRY: dict[str, type[CompressionMethod]] = {}
+
+
+def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[CompressionMethod]:
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown oto_method {name!r}; choose from {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
