@@ -1,0 +1,1 @@
+"""Group-sparsity optimizers working on zero-invariant groups."""
