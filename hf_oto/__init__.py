@@ -3,6 +3,8 @@
 from .compress import CompressionError, compress, from_pretrained, save_pretrained
 from .graph import GroupConfig, find_groups
 from .groups import ZeroInvariantGroup, ZeroInvariantGroups
+from .trainer import OTOTrainer
+from .training_args import OTOTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = [
     "GroupConfig",
     "ZeroInvariantGroup",
     "ZeroInvariantGroups",
+    "OTOTrainer",
+    "OTOTrainingArguments",
 ]

@@ -375,6 +375,14 @@ def mixes_channels(ctx: OpContext, args, kwargs, out):
     return None
 
 
+def loss(ctx: OpContext, args, kwargs, out):
+    """A loss reads predictions against targets: the prediction dims are fixed by the targets."""
+    for t in _tensors(args, kwargs):
+        for lab in ctx.lab(t):
+            ctx.unprunable(lab, "enters the loss")
+    return None
+
+
 def unsupported(ctx: OpContext, args, kwargs, out):
     for t in _tensors(args, kwargs):
         for lab in ctx.lab(t):
@@ -442,6 +450,13 @@ _TABLE = {
     "im2col": mixes_channels,
     "col2im": mixes_channels,
 }
+
+for _name in (
+    "nll_loss_forward", "nll_loss2d_forward", "nll_loss", "nll_loss_nd", "mse_loss", "l1_loss",
+    "smooth_l1_loss", "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    "kl_div", "cross_entropy_loss", "soft_margin_loss", "multilabel_margin_loss_forward",
+):
+    _TABLE[_name] = loss
 
 for _name in (
     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",

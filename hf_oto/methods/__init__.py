@@ -10,6 +10,7 @@ from .base import CompressionMethod, TrainingSettings, available_methods, get_me
 # Modules whose import registers built-in methods. Kept lazy so that importing hf_oto stays cheap.
 _BUILTIN_MODULES = [
     "hf_oto.methods.group_sparsity",  # hspg, dhspg, hesso
+    "hf_oto.methods.magnitude",  # one-shot baseline
     "hf_oto.methods.sfw",
     "hf_oto.methods.dsp",
     "hf_oto.methods.opq",

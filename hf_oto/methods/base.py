@@ -38,6 +38,11 @@ class TrainingSettings:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     options: dict[str, Any] = field(default_factory=dict)  # method-specific (oto_method_kwargs)
+    target_group_sparsity: float = 0.5
+    variant: str = "adamw"  # base optimizer of the group-sparsity methods
+    pruning_start_step: int = 0
+    pruning_end_step: int = 0
+    pruning_periods: int = 1
 
 
 class CompressionMethod:

@@ -1,0 +1,184 @@
+"""The model card of a compressed model, and pushing the compressed folder to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# Model class suffix -> (pipeline task of the model-index, the Auto class that loads it)
+_TASKS = [
+    ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
+    ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
+    ("LMHeadModel", "text-generation", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
+    ("ForConditionalGeneration", "text2text-generation", "AutoModelForSeq2SeqLM"),
+]
+
+
+@dataclass
+class CompressionReport:
+    """Everything the model card says about a compression run (JSON-serialisable)."""
+
+    model_class: str
+    method: str
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    exact: bool = True
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    flops_inputs: str = ""
+    latency_before_s: float | None = None
+    latency_after_s: float | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)  # {layer, kind, total, removed}
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {metric: value}
+    settings: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, default=str)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompressionReport":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def task_of(model_class: str) -> tuple[str | None, str]:
+    """``(pipeline task, Auto class)`` for a model class name such as ``HfOtoBertForQuestionAnswering``."""
+    for suffix, task, auto in _TASKS:
+        if model_class.endswith(suffix):
+            return task, auto
+    return None, "AutoModel"
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>") -> ModelCard:
+    """A model card with the compression figures, built without any network access.
+
+    Example:
+        >>> card = build_model_card(report)                    # doctest: +SKIP
+        >>> card.save("out/compressed/README.md")               # doctest: +SKIP
+    """
+    task, auto = task_of(report.model_class)
+    final = report.metrics.get("compressed") or report.metrics.get("sparse") or {}
+    results = []
+    if task:
+        for name, value in final.items():
+            if isinstance(value, (int, float)) and not name.endswith(("runtime", "per_second", "_steps", "epoch")):
+                results.append(EvalResult(task_type=task, dataset_type=(report.datasets or ["custom"])[0],
+                                          dataset_name=(report.datasets or ["custom"])[0],
+                                          metric_type=name, metric_value=float(value)))
+    data = ModelCardData(
+        base_model=report.base_model or None,
+        datasets=report.datasets or None,
+        tags=["hf_oto", "structured-pruning", "only-train-once", report.method],
+        library_name="transformers",
+        pipeline_tag=task,
+        model_name=f"{report.model_class} compressed with hf_oto ({report.method})",
+        eval_results=results or None,
+    )
+    lines = [f"# {report.model_class} compressed with hf_oto ({report.method})", ""]
+    lines += [
+        "This model was trained once with Only-Train-Once structured pruning "
+        f"(method `{report.method}`) and then physically compressed: the pruned attention heads, "
+        "FFN neurons and channels are gone from the weights, not masked."
+        + (" Its outputs equal the trained sparse model's." if report.exact else
+           " The method removes structures that were not exactly zero, so outputs differ slightly from the "
+           "trained model's."),
+        "",
+        "## Compression",
+        "",
+        "| | before | after | reduction |",
+        "| --- | ---: | ---: | ---: |",
+        f"| parameters | {_human(report.params_before)} | {_human(report.params_after)} | "
+        f"{_ratio(report.params_before, report.params_after)} |",
+        f"| FLOPs ({report.flops_inputs or 'example inputs'}) | {_human(report.flops_before)} | "
+        f"{_human(report.flops_after)} | {_ratio(report.flops_before, report.flops_after)} |",
+    ]
+    if report.latency_before_s and report.latency_after_s:
+        lines.append(f"| CPU latency | {report.latency_before_s * 1000:.1f} ms | {report.latency_after_s * 1000:.1f} ms "
+                     f"| {_ratio(report.latency_before_s, report.latency_after_s)} |")
+    if report.layers:
+        lines += ["", "## What was removed", "", "| layer | kind | groups | removed | kept |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for row in report.layers:
+            if row["removed"] or row["kind"] != "hidden":
+                lines.append(f"| `{row['layer'] or '<model>'}` | {row['kind']} | {row['total']} | {row['removed']} | "
+                             f"{row['total'] - row['removed']} |")
+    if report.metrics:
+        names = sorted({k for stage in report.metrics.values() for k in stage
+                        if not k.endswith(("runtime", "per_second"))})
+        stages = list(report.metrics)
+        lines += ["", "## Evaluation", "", "| metric | " + " | ".join(stages) + " |",
+                  "| --- |" + " ---: |" * len(stages)]
+        for name in names:
+            cells = [f"{report.metrics[s][name]:.4g}" if isinstance(report.metrics[s].get(name), (int, float))
+                     else "-" for s in stages]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "", "## How to load", "", "```python",
+        f"from transformers import {auto}",
+        "",
+        f'model = {auto}.from_pretrained("{repo_or_path}", trust_remote_code=True)',
+        "",
+        "# or, without running remote code (pip install hf_oto):",
+        "import hf_oto",
+        "",
+        f'model = hf_oto.from_pretrained("{repo_or_path}")',
+        "```",
+        "",
+        "The per-layer sizes are stored in `config.json` (`hf_oto_manifest`); `modeling_hf_oto.py` rebuilds the "
+        "smaller layers before the weights load.",
+    ]
+    if report.command:
+        lines += ["", "## Reproduce", "", "```bash", report.command, "```"]
+    if report.settings:
+        lines += ["", "## Settings", "", "```json", json.dumps(report.settings, indent=2, default=str), "```"]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload model compressed with hf_oto",
+    revision: str | None = None,
+    blocking: bool = True,
+) -> Any:
+    """Create ``repo_id`` if needed and upload ``folder`` through Transformers' Hub client.
+
+    ``transformers.utils.hub.hf_api()`` is the client Transformers itself uses (with the user's
+    token, as ``Trainer.push_to_hub`` does); tests replace it with a recorder.
+    """
+    from transformers.utils import hub
+
+    api = hub.hf_api()
+    repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             token=token, revision=revision, run_as_future=not blocking)

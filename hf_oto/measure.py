@@ -1,0 +1,160 @@
+"""Measuring models: parameters, FLOPs and CPU latency, and what a set of zero groups would save."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .graph.inputs import call_with
+from .groups import ZeroInvariantGroups
+
+aten = torch.ops.aten
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """Two batched products (q k^T and p v), each a multiply-add per element."""
+    *batch, heads, length, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    batch_size = math.prod(batch) if batch else 1
+    return 2 * batch_size * heads * length * keys * (dim + value_dim)
+
+
+def _shapes_formula(fn):
+    def formula(*args, out_shape=None, **kwargs):
+        return fn(*[a.shape if isinstance(a, torch.Tensor) else a for a in args[:3]])
+    return formula
+
+
+# FlopCounterMode does not know every fused attention kernel; count them like their maths.
+_CUSTOM_FLOPS = {
+    getattr(aten, name): _shapes_formula(_attention_flops)
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(aten, name)
+}
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Parameters, counting tied weights once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, inputs: Any, by_module: bool = False) -> int | tuple[int, dict[str, int]]:
+    """Forward FLOPs on ``inputs`` (a multiply-add counts 2), optionally per module (subtree).
+
+    Example:
+        >>> flops = count_flops(model, {"input_ids": ids})          # doctest: +SKIP
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
+    try:
+        with torch.no_grad(), counter:
+            call_with(model, inputs)
+    finally:
+        model.train(was_training)
+    total = counter.get_total_flops()
+    if not by_module:
+        return total
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        path = name[len(root) + 1:] if name.startswith(root + ".") else ("" if name == root else name)
+        per_module[path] = int(sum(ops.values()))
+    return total, per_module
+
+
+def measure_latency(*models: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Median seconds per forward pass on CPU of each model, measured interleaved so that
+    warm-up, caches and machine load affect all of them alike (models are copied to CPU if needed).
+
+    Example:
+        >>> dense_s, small_s = measure_latency(model, small, inputs=batch)    # doctest: +SKIP
+    """
+    prepared = []
+    for model in models:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        prepared.append((copy.deepcopy(model).to("cpu") if device.type != "cpu" else model, model.training))
+    inputs = _to_cpu(inputs)
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        for model, _ in prepared:
+            model.eval()
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                for k, (model, _) in enumerate(prepared):
+                    start = time.perf_counter()
+                    call_with(model, inputs)
+                    if i >= warmup:
+                        times[k].append(time.perf_counter() - start)
+    finally:
+        for model, was_training in prepared:
+            model.train(was_training)
+    return [statistics.median(t) for t in times]
+
+
+def _to_cpu(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.cpu()
+    if isinstance(inputs, dict):
+        return {k: _to_cpu(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_cpu(v) for v in inputs)
+    return inputs
+
+
+class CompressionEstimator:
+    """Parameters and FLOPs the model would keep if the given groups were removed, without
+    building the compressed model: what the trainer logs while training.
+
+    FLOPs are the dense per-module FLOPs (measured once) scaled by the kept fraction of each
+    module's own parameters, or, for modules computing without parameters of their own (the
+    attention product), by the kept fraction of the parameters beneath them.
+    """
+
+    def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, inputs: Any) -> None:
+        self.groups = groups
+        self.total_flops, subtree = count_flops(model, inputs, by_module=True)
+        # A module's own FLOPs are its subtree's minus its nearest recorded descendants' (containers
+        # such as ModuleList never run, so they have no entry of their own).
+        own = dict(subtree)
+        for name, total in subtree.items():
+            parts = name.split(".") if name else []
+            for cut in range(len(parts) - 1, -1, -1):
+                parent = ".".join(parts[:cut])
+                if parent in subtree and parent != name:
+                    own[parent] -= total
+                    break
+        self.own_flops = own
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.total_params = num_parameters(model)
+
+    def estimate(self, remove: torch.Tensor) -> tuple[int, int]:
+        """``(kept parameters, kept FLOPs)`` if the groups in ``remove`` were removed."""
+        plan = self.groups.removal_plan(self.groups.feasible_removal(remove))
+        kept_numel = {}
+        for name, shape in self.shapes.items():
+            dims = plan.get(name, {})
+            kept_numel[name] = math.prod(len(dims[d]) if d in dims else n for d, n in enumerate(shape))
+        removed = sum(math.prod(self.shapes[n]) - kept_numel[n] for n in plan if n in self.shapes)
+        flops = 0.0
+        for module, own in self.own_flops.items():
+            flops += own * (self._fraction(kept_numel, module, own_only=True)
+                            or self._fraction(kept_numel, module, own_only=False) or 1.0)
+        return self.total_params - removed, int(round(flops))
+
+    def _fraction(self, kept: dict[str, int], module: str, own_only: bool) -> float | None:
+        prefix = module + "." if module else ""
+        names = [n for n in self.shapes if n.startswith(prefix)
+                 and (not own_only or "." not in n[len(prefix):])]
+        total = sum(math.prod(self.shapes[n]) for n in names)
+        return sum(kept[n] for n in names) / total if total else None

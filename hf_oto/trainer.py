@@ -1,0 +1,440 @@
+"""``OTOTrainer``: train once with a compression method, then build, check and save the small model.
+
+It is a plain :class:`transformers.Trainer` subclass: the training loop is Trainer's own. OTO work
+happens in the documented hooks: ``train`` (find the groups and validate everything before the
+first step, then build the compressed model after the last), ``create_optimizer``,
+``compute_loss`` (a method's regulariser), ``log`` (group sparsity, kept parameters and FLOPs),
+a callback (per-step schedules and checkpoint files) and ``push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .compress import save_pretrained as save_compressed_model
+from .graph import find_groups
+from .groups import ZeroInvariantGroups
+from .hub import CompressionReport, build_model_card, push_folder
+from .measure import CompressionEstimator, count_flops, measure_latency, num_parameters
+from .methods import CompressionMethod, TrainingSettings, get_method
+from .training_args import OTOTrainingArguments
+
+OTO_CHECKPOINT_FILE = "oto_state.json"
+# Metric values of an exact compression may differ by float summation order only.
+_METRIC_RTOL = 1e-4
+
+
+class OTOTrainer(Trainer):
+    """Train once with Only-Train-Once, then get the physically smaller model.
+
+    Args:
+        model, args, ...: as for :class:`transformers.Trainer`; ``args`` must be
+            :class:`OTOTrainingArguments`.
+        example_inputs: inputs for the dependency trace (default: the first training batch).
+        groups: precomputed :class:`ZeroInvariantGroups` (default: found from the inputs).
+        method: a :class:`~hf_oto.methods.CompressionMethod` instance, overriding ``args.oto_method``.
+
+    Example:
+        >>> args = OTOTrainingArguments(output_dir="out", oto_method="dhspg", target_group_sparsity=0.5)
+        >>> trainer = OTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
+        ...                      processing_class=tokenizer)            # doctest: +SKIP
+        >>> trainer.train()                 # the redundant groups end exactly zero   # doctest: +SKIP
+        >>> trainer.save_compressed()       # out/compressed: small model, manifest, model card  # doctest: +SKIP
+        >>> trainer.push_to_hub()           # pushes the compressed model and its card  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: OTOTrainingArguments | None = None, *,
+                 example_inputs: Any = None, groups: ZeroInvariantGroups | None = None,
+                 method: CompressionMethod | None = None, **kwargs: Any) -> None:
+        if args is None:
+            args = OTOTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, OTOTrainingArguments):
+            raise TypeError(f"OTOTrainer needs OTOTrainingArguments, got {type(args).__name__}")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("OTOTrainer does not support model_init: the groups and the compression method are "
+                             "bound to one model instance; pass model= instead")
+        super().__init__(model=model, args=args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "OTOTrainer does not support DeepSpeed ZeRO or FSDP: they shard parameters across processes, so the "
+                "norm of a zero-invariant group is not available on any one process and the projections would be "
+                "wrong. Use DDP (torchrun / accelerate launch --multi_gpu), which keeps parameters replicated.")
+        if method is None:
+            try:
+                method = get_method(args.oto_method)(**args.oto_method_kwargs)
+            except TypeError as err:
+                raise ValueError(f"bad oto_method_kwargs for {args.oto_method!r}: {err}") from None
+        self.oto_method = method
+        self.oto_groups = groups
+        self.compressed_model: nn.Module | None = None
+        self.oto_report: CompressionReport | None = None
+        self._oto_example_inputs = example_inputs
+        self._oto_estimator: CompressionEstimator | None = None
+        self._oto_ready = False
+        self._oto_saved_dir: str | None = None
+        self._oto_command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+        self.add_callback(_OTOCallback(self))
+
+    # -- set-up, all before the first training step ----------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """Validate and set up OTO, run Trainer's training loop, then build the compressed model."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if not self._oto_ready:
+            self._oto_setup()
+        if resume_from_checkpoint:
+            self._oto_check_checkpoint(resume_from_checkpoint)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self._oto_finish()
+        return result
+
+    def _oto_setup(self) -> None:
+        if self.train_dataset is None:
+            raise ValueError("OTOTrainer.train needs a train_dataset")
+        batch = self._first_batch()
+        model = self.model
+        inputs = self._oto_inputs = self._trace_inputs(batch)
+        if self.oto_method.needs_groups:
+            if self.oto_groups is None:
+                self.oto_groups = find_groups(model, inputs, self.args.group_config())
+            else:
+                self.oto_groups.check_model(model)
+            self._check_groups(self.oto_groups)
+            self._oto_estimator = CompressionEstimator(model, self.oto_groups, inputs)
+            self._oto_dense = {"params": num_parameters(model), "flops": self._oto_estimator.total_flops}
+        else:
+            self._oto_dense = {"params": num_parameters(model), "flops": count_flops(model, inputs)}
+        prepared = self.oto_method.prepare(model, self.oto_groups)
+        if prepared is not model:
+            self.model = self.model_wrapped = prepared
+        self._probe_loss_scaling(batch)
+        self._oto_ready = True
+
+    def _first_batch(self) -> dict[str, Any]:
+        """The first training batch, or the user's example inputs, without disturbing any RNG."""
+        source = self._oto_example_inputs
+        if source is None and self.args.oto_example_inputs != "first_batch":
+            path = self.args.oto_example_inputs
+            if not os.path.isfile(path):
+                raise ValueError(f"oto_example_inputs must be 'first_batch' or a file, got {path!r}")
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        if source is not None:
+            return self._prepare_inputs(source) if isinstance(source, dict) else source
+        states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        try:
+            batch = next(iter(self.get_train_dataloader()))
+        except StopIteration:
+            raise ValueError("the training dataset is empty") from None
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
+        batch = self._prepare_inputs(batch)
+        self._check_columns(batch)
+        return batch
+
+    def _check_columns(self, batch: dict[str, Any]) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        main = getattr(model, "main_input_name", None)
+        present = sorted(batch)
+        if main and main not in batch and "inputs_embeds" not in batch:
+            raise ValueError(f"the training batches have no '{main}' column, the input of {type(model).__name__}; "
+                             f"they have {present}. Check the dataset's columns and the data collator.")
+        if self.compute_loss_func is None and type(self).compute_loss is OTOTrainer.compute_loss:
+            missing = [name for name in self.label_names if name not in batch]
+            if missing:
+                raise ValueError(
+                    f"the training batches have no column(s) {missing}, which {type(model).__name__} needs to "
+                    f"compute its loss; they have {present}. Add them to the dataset (or set label_names).")
+
+    def _trace_inputs(self, batch: Any) -> Any:
+        """At most two examples of the batch, without labels: the trace and the FLOP counts
+        concern the model, not its loss."""
+        if not isinstance(batch, dict):
+            return batch
+        batch = {k: v for k, v in batch.items() if k not in self.label_names and k != "labels"}
+        size = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if size is None:
+            return batch
+        return {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+                for k, v in batch.items()}
+
+    def _check_groups(self, groups: ZeroInvariantGroups) -> None:
+        name = type(self.model).__name__
+        if groups.num_prunable == 0:
+            raise ValueError(f"{name} has no prunable group with these settings; see find_groups(...).summary():\n"
+                             + groups.summary())
+        target = self.args.target_group_sparsity
+        if math.ceil(target * groups.num_prunable) >= groups.num_prunable:
+            raise ValueError(f"target_group_sparsity={target} would remove all {groups.num_prunable} prunable groups "
+                             f"of {name}; choose a smaller target")
+
+    def _probe_loss_scaling(self, batch: Any) -> None:
+        """Trainer multiplies the loss by the number of processes whenever the model accepts loss
+        kwargs, assuming it divides by the global item count; models that average their own loss
+        (classification, vision) then train with a world-size-times larger gradient. Ask the model."""
+        if not (self.model_accepts_loss_kwargs and isinstance(batch, dict) and "labels" in batch):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                n = torch.tensor(float(batch["labels"].numel()), device=batch["labels"].device)
+                first = model(**batch, num_items_in_batch=n)
+                second = model(**batch, num_items_in_batch=2 * n)
+            uses_it = not torch.allclose(_loss_of(first), _loss_of(second))
+        except TypeError:
+            uses_it = False
+        finally:
+            model.train(was_training)
+        if not uses_it:
+            self.model_accepts_loss_kwargs = False
+
+    # -- training hooks ------------------------------------------------------------------------------
+    def training_settings(self) -> TrainingSettings:
+        """What the method gets to build its optimizer and schedule."""
+        args = self.args
+        total = int(self.state.max_steps or 0)
+        start, end = args.pruning_steps(total) if total else (0, 0)
+        return TrainingSettings(
+            learning_rate=args.learning_rate, weight_decay=args.weight_decay, total_steps=total,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+            options=dict(args.oto_method_kwargs), target_group_sparsity=args.target_group_sparsity,
+            variant=args.oto_variant, pruning_start_step=start, pruning_end_step=end,
+            pruning_periods=args.oto_pruning_periods)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self._oto_ready:
+            optimizer = self.oto_method.create_optimizer(self.model, self.oto_groups, self.training_settings())
+            if optimizer is not None:
+                self.optimizer = optimizer
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return result
+        penalty = self.oto_method.regularizer(self.accelerator.unwrap_model(model))
+        if penalty is None:
+            return result
+        if return_outputs:
+            return result[0] + penalty, result[1]
+        return result + penalty
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._oto_ready and "loss" in logs:
+            logs.update(self.oto_metrics())
+        super().log(logs, start_time)
+
+    def oto_metrics(self) -> dict[str, float]:
+        """Group sparsity and what the model would keep if compressed now."""
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = dict(self.oto_method.metrics(model, self.oto_groups))
+        if self.oto_groups is not None and self._oto_estimator is not None:
+            zero = self._zero_groups(model)
+            metrics.setdefault("group_sparsity", float(zero.sum()) / max(1, self.oto_groups.num_prunable))
+            params, flops = self._oto_estimator.estimate(zero)
+            metrics["kept_params"] = params
+            metrics["kept_flops"] = flops
+            metrics["kept_params_ratio"] = params / self._oto_dense["params"]
+            metrics["kept_flops_ratio"] = flops / max(1, self._oto_dense["flops"])
+        return metrics
+
+    def _zero_groups(self, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return self.oto_groups.zero_mask(self.oto_groups.parameters(model)).cpu() & self.oto_groups.prunable_mask
+
+    # -- after training ---------------------------------------------------------------------------
+    def _oto_finish(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        groups = self.oto_groups
+        removed = self._zero_groups(model) if groups is not None else None
+        small = self.oto_method.finalize(model, groups)
+        # Methods that remove groups which are not zero (magnitude, SFW) say which ones.
+        if getattr(self.oto_method, "removed_groups", None) is not None:
+            removed = self.oto_method.removed_groups
+        self.compressed_model = small
+        inputs = self._oto_inputs
+        report = CompressionReport(
+            model_class=type(model).__name__.removeprefix("HfOto"), method=self.oto_method.name or "custom",
+            base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            datasets=_dataset_names(self.train_dataset), exact=self.oto_method.exact,
+            params_before=self._oto_dense["params"], params_after=num_parameters(small),
+            flops_before=self._oto_dense["flops"], flops_after=count_flops(small, inputs),
+            flops_inputs=_describe(inputs), settings=self.args.oto_summary(), command=self._oto_command)
+        if groups is not None and removed is not None:
+            report.layers = _layer_table(groups, groups.feasible_removal(removed))
+        if self.args.oto_measure_latency and self.is_world_process_zero():
+            report.latency_before_s, report.latency_after_s = measure_latency(model, small, inputs=inputs)
+        self.oto_report = report
+        if self.eval_dataset is not None and self.args.oto_check_compressed:
+            self._check_compressed_metrics()
+        self.log({"compressed_params": report.params_after, "compressed_flops": report.flops_after})
+
+    def evaluate_compressed(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate the compressed model with this trainer's data, collator and metrics."""
+        if self.compressed_model is None:
+            raise ValueError("there is no compressed model yet: call train() first")
+        saved = self.model, self.model_wrapped
+        self.model = self.model_wrapped = self.compressed_model
+        try:
+            return self.evaluate(eval_dataset, metric_key_prefix=metric_key_prefix)
+        finally:
+            self.model, self.model_wrapped = saved
+
+    def _check_compressed_metrics(self) -> None:
+        sparse = self.evaluate(metric_key_prefix="eval")
+        compressed = self.evaluate_compressed(metric_key_prefix="eval")
+        keep = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))  # noqa: E731
+                          and not k.endswith(("runtime", "per_second", "epoch"))}
+        sparse, compressed = keep(sparse), keep(compressed)
+        self.oto_report.metrics.update({"sparse": sparse, "compressed": compressed})
+        if not self.oto_method.exact:
+            return
+        differ = {k: (v, compressed.get(k)) for k, v in sparse.items()
+                  if compressed.get(k) is None or abs(v - compressed[k]) > _METRIC_RTOL * max(1.0, abs(v))}
+        if differ:
+            raise RuntimeError(f"the compressed model's metrics differ from the sparse model's: {differ}")
+
+    def save_compressed(self, output_dir: str | None = None) -> str:
+        """Write the compressed model, the processing class, ``oto_report.json`` and the model card.
+
+        The folder is written next to its destination and moved into place at the end, so a
+        failure never leaves a half-written or overwritten result. Returns the folder.
+        """
+        if self.compressed_model is None or self.oto_report is None:
+            raise ValueError("there is no compressed model yet: call train() first")
+        target = os.path.abspath(output_dir or os.path.join(self.args.output_dir, self.args.oto_compressed_dir))
+        if self.is_world_process_zero():
+            parent = os.path.dirname(target)
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".hf_oto-", dir=parent)
+            try:
+                save_compressed_model(self.compressed_model, staging)
+                if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                    self.processing_class.save_pretrained(staging)
+                self.oto_report.save(os.path.join(staging, "oto_report.json"))
+                repo = self.args.hub_model_id or os.path.basename(target)
+                build_model_card(self.oto_report, repo).save(os.path.join(staging, "README.md"))
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        self.accelerator.wait_for_everyone()
+        self._oto_saved_dir = target
+        return target
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs: Any):
+        """Push the compressed model and its card (before compression: Trainer's own push)."""
+        if self.compressed_model is None:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
+                                       revision=revision, **kwargs)
+        folder = self._oto_saved_dir or self.save_compressed()
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_folder(folder, repo_id, token=token or self.args.hub_token,
+                           private=self.args.hub_private_repo, commit_message=commit_message or "Upload",
+                           revision=revision, blocking=blocking)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def oto_fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed by this trainer."""
+        groups = self.oto_groups
+        names = "|".join(groups.param_names) if groups is not None else ""
+        return {
+            "settings": {k: v for k, v in self.args.oto_summary().items()
+                         if k not in ("oto_compressed_dir", "oto_check_compressed", "oto_measure_latency")},
+            "groups": len(groups) if groups is not None else 0,
+            "prunable": groups.num_prunable if groups is not None else 0,
+            "params": hashlib.sha256(names.encode()).hexdigest()[:16],
+        }
+
+    def _oto_check_checkpoint(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, OTO_CHECKPOINT_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} was not written by OTOTrainer (no {OTO_CHECKPOINT_FILE}); "
+                             "it cannot be resumed with OTO state")
+        with open(path) as f:
+            saved = json.load(f)
+        current = json.loads(json.dumps(self.oto_fingerprint(), default=str))
+        if saved.get("fingerprint") != current:
+            diff = {k: (saved.get("fingerprint", {}).get(k), v) for k, v in current.items()
+                    if saved.get("fingerprint", {}).get(k) != v}
+            raise ValueError(f"checkpoint {checkpoint} comes from another OTO configuration: (saved, now) = {diff}")
+        self.oto_method.load_state_dict(saved.get("method_state", {}))
+
+
+class _OTOCallback(TrainerCallback):
+    """Per-step method schedules and the OTO state file inside every checkpoint."""
+
+    def __init__(self, trainer: OTOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._oto_ready:
+            trainer.oto_method.on_step_end(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if not (trainer._oto_ready and trainer.is_world_process_zero()):
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, OTO_CHECKPOINT_FILE), "w") as f:
+                json.dump({"fingerprint": trainer.oto_fingerprint(), "method_state": trainer.oto_method.state_dict()},
+                          f, indent=2, default=str)
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    return output["loss"] if isinstance(output, dict) else output[0]
+
+
+def _dataset_names(dataset: Any) -> list[str]:
+    info = getattr(dataset, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    return [name] if name else []
+
+
+def _describe(inputs: Any) -> str:
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+    return ""
+
+
+def _layer_table(groups: ZeroInvariantGroups, removed: torch.Tensor) -> list[dict[str, Any]]:
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for g in groups:
+        if not g.prunable and not removed[g.index]:
+            continue
+        row = rows.setdefault((g.layer, g.kind), {"layer": g.layer, "kind": g.kind, "total": 0, "removed": 0})
+        row["total"] += 1
+        row["removed"] += int(removed[g.index])
+    return list(rows.values())
+
+
+__all__ = ["OTOTrainer", "OTO_CHECKPOINT_FILE"]

@@ -1,0 +1,110 @@
+"""``OTOTrainingArguments``: ``TrainingArguments`` plus what Only-Train-Once needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .graph.config import GroupConfig
+
+
+@dataclass
+class OTOTrainingArguments(TrainingArguments):
+    """Training arguments for :class:`hf_oto.OTOTrainer`.
+
+    Every field works with ``HfArgumentParser`` (command line, JSON and YAML files); the
+    defaults prune half of the heads and FFN neurons (and conv channels) with HESSO.
+
+    Example:
+        >>> args = OTOTrainingArguments(output_dir="out", oto_method="dhspg", target_group_sparsity=0.5)
+        >>> args.group_config().prune_hidden
+        False
+    """
+
+    oto_method: str = field(
+        default="hesso",
+        metadata={"help": "Compression method: hesso, dhspg, hspg (group-sparsity optimizers), sfw, dsp, opq, "
+                          "or magnitude (one-shot baseline)."},
+    )
+    target_group_sparsity: float = field(
+        default=0.5, metadata={"help": "Fraction of the prunable groups to remove, in [0, 1)."})
+    oto_variant: str = field(
+        default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
+    oto_pruning_start: float = field(
+        default=0.1,
+        metadata={"help": "When pruning starts: a fraction of the training steps if < 1, else a step number."})
+    oto_pruning_end: float = field(
+        default=0.6,
+        metadata={"help": "When the redundant groups must be exactly zero: a fraction of the training steps if "
+                          "< 1, else a step number. Training continues on the kept groups afterwards."})
+    oto_pruning_periods: int = field(
+        default=10, metadata={"help": "Number of periods over which the redundant set grows to the target."})
+    oto_prune_heads: bool = field(default=True, metadata={"help": "Offer attention heads for pruning."})
+    oto_prune_neurons: bool = field(default=True, metadata={"help": "Offer FFN neurons for pruning."})
+    oto_prune_channels: bool = field(default=True, metadata={"help": "Offer conv channels for pruning."})
+    oto_prune_hidden: bool = field(
+        default=False, metadata={"help": "Offer the residual-stream width (approximate through LayerNorm)."})
+    oto_exclude: list[str] = field(
+        default_factory=list, metadata={"help": "Regular expressions of layer names never to prune."})
+    oto_example_inputs: str = field(
+        default="first_batch",
+        metadata={"help": "Inputs for the dependency trace: 'first_batch' (of the training set) or the path of a "
+                          "torch-saved dict of tensors."})
+    oto_method_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra options of the method, as a JSON object."})
+    oto_compressed_dir: str = field(
+        default="compressed", metadata={"help": "Folder, under output_dir, for the compressed model and its card."})
+    oto_check_compressed: bool = field(
+        default=True,
+        metadata={"help": "After training, evaluate the compressed model and check its metrics equal the sparse "
+                          "model's (needs an eval_dataset)."})
+    oto_measure_latency: bool = field(
+        default=True, metadata={"help": "Measure CPU latency before and after compression for the model card."})
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["oto_method_kwargs"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.oto_method_kwargs is None:
+            self.oto_method_kwargs = {}
+        if not isinstance(self.oto_method_kwargs, dict):
+            raise ValueError(f"oto_method_kwargs must be a JSON object, got {self.oto_method_kwargs!r}")
+        if not 0.0 <= self.target_group_sparsity < 1.0:
+            raise ValueError(f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}")
+        if self.oto_variant not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"oto_variant must be sgd, adam or adamw, got {self.oto_variant!r}")
+        for name in ("oto_pruning_start", "oto_pruning_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.oto_pruning_periods < 1:
+            raise ValueError(f"oto_pruning_periods must be >= 1, got {self.oto_pruning_periods}")
+        from .methods import available_methods
+
+        if self.oto_method not in available_methods():
+            raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
+
+    def group_config(self) -> GroupConfig:
+        """The :class:`GroupConfig` these arguments describe."""
+        return GroupConfig(prune_heads=self.oto_prune_heads, prune_neurons=self.oto_prune_neurons,
+                           prune_channels=self.oto_prune_channels, prune_hidden=self.oto_prune_hidden,
+                           exclude=list(self.oto_exclude))
+
+    def pruning_steps(self, total_steps: int) -> tuple[int, int]:
+        """``(start, end)`` optimizer steps of the pruning window for a run of ``total_steps``."""
+        def resolve(value: float) -> int:
+            return int(round(value * total_steps)) if value < 1 else int(value)
+
+        start, end = resolve(self.oto_pruning_start), resolve(self.oto_pruning_end)
+        if end <= start:
+            raise ValueError(f"the pruning window is empty: starts at step {start} and ends at step {end} "
+                             f"(of {total_steps}); check oto_pruning_start/oto_pruning_end")
+        if total_steps and end > total_steps:
+            raise ValueError(f"the pruning window ends at step {end}, after the last training step {total_steps}")
+        return start, end
+
+    def oto_summary(self) -> dict[str, Any]:
+        """The OTO settings, for checkpoints and the model card."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("oto_")
+                or k == "target_group_sparsity"}

@@ -1,0 +1,241 @@
+"""OTOTrainer: arguments, set-up checks, logging, model card, saving and pushing."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+from trainer_utils import classification_data, classifier, qa_data, qa_model
+from transformers import HfArgumentParser, TrainerCallback
+
+import hf_oto
+from hf_oto import OTOTrainer, OTOTrainingArguments
+from hf_oto.compress.core import _run, max_relative_difference
+
+
+def _args(tmp_path, **overrides) -> OTOTrainingArguments:
+    settings = dict(output_dir=str(tmp_path / "out"), oto_method="magnitude", target_group_sparsity=0.3,
+                    max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=16, logging_steps=2,
+                    report_to=[], save_strategy="no", use_cpu=True, seed=0, oto_measure_latency=False)
+    settings.update(overrides)
+    return OTOTrainingArguments(**settings)
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+def test_arguments_parse_from_command_line_json_and_yaml(tmp_path):
+    parser = HfArgumentParser(OTOTrainingArguments)
+    (cli,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--oto_method", "dhspg", "--target_group_sparsity", "0.4",
+        "--oto_exclude", "layer\\.0", "classifier", "--oto_method_kwargs", '{"epsilon": 0.01}',
+        "--oto_prune_hidden", "true", "--use_cpu", "true", "--report_to", "none"])
+    assert cli.oto_method == "dhspg" and cli.target_group_sparsity == 0.4
+    assert cli.oto_exclude == ["layer\\.0", "classifier"]
+    assert cli.oto_method_kwargs == {"epsilon": 0.01}
+    assert cli.group_config().prune_hidden and cli.group_config().exclude == ["layer\\.0", "classifier"]
+
+    settings = {"output_dir": str(tmp_path), "oto_method": "hesso", "target_group_sparsity": 0.25,
+                "oto_pruning_periods": 4, "use_cpu": True, "report_to": "none"}
+    (tmp_path / "a.json").write_text(json.dumps(settings))
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(settings))
+    (from_json,) = parser.parse_json_file(str(tmp_path / "a.json"))
+    (from_yaml,) = parser.parse_yaml_file(str(tmp_path / "a.yaml"))
+    assert from_json.oto_pruning_periods == from_yaml.oto_pruning_periods == 4
+    assert from_json.target_group_sparsity == from_yaml.target_group_sparsity == 0.25
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("target_group_sparsity", 1.0, "target_group_sparsity"),
+    ("target_group_sparsity", -0.1, "target_group_sparsity"),
+    ("oto_method", "prune-everything", "unknown oto_method"),
+    ("oto_variant", "lion", "oto_variant"),
+    ("oto_pruning_periods", 0, "oto_pruning_periods"),
+    ("oto_method_kwargs", "[1, 2]", "JSON object"),
+])
+def test_bad_arguments_are_refused(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{field: value})
+
+
+def test_pruning_window_resolution(tmp_path):
+    args = OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, oto_pruning_start=0.1, oto_pruning_end=0.5)
+    assert args.pruning_steps(100) == (10, 50)
+    args = OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, oto_pruning_start=5, oto_pruning_end=20)
+    assert args.pruning_steps(100) == (5, 20)
+    with pytest.raises(ValueError, match="after the last training step"):
+        args.pruning_steps(10)
+    args = OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, oto_pruning_start=0.5, oto_pruning_end=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        args.pruning_steps(100)
+
+
+def test_trainer_needs_oto_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="OTOTrainingArguments"):
+        OTOTrainer(model=classifier(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+# -- bad input, before any training step -----------------------------------------------------------
+
+def _untouched(path) -> bool:
+    return not os.path.exists(path) or not os.listdir(path)
+
+
+def test_missing_label_column_fails_before_training(tmp_path):
+    data = classification_data().remove_columns(["labels"])
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path, remove_unused_columns=False), train_dataset=data)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['labels'\]"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and _untouched(tmp_path / "out")
+
+
+def test_missing_input_column_fails_before_training(tmp_path):
+    data = qa_data().rename_column("input_ids", "tokens")
+    trainer = OTOTrainer(model=qa_model(), args=_args(tmp_path, remove_unused_columns=False), train_dataset=data)
+    with pytest.raises(ValueError, match="no 'input_ids' column"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_target_that_removes_everything_is_refused(tmp_path):
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path, target_group_sparsity=0.999),
+                         train_dataset=classification_data())
+    with pytest.raises(ValueError, match="would remove all"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and _untouched(tmp_path / "out")
+
+
+def test_model_without_prunable_group_is_refused(tmp_path):
+    from hf_oto import GroupConfig, find_groups
+
+    model = classifier()
+    trainer = OTOTrainer(model=model, args=_args(tmp_path, oto_prune_heads=False, oto_prune_neurons=False),
+                         train_dataset=classification_data())
+    with pytest.raises(ValueError, match="no prunable group"):
+        trainer.train()
+    groups = find_groups(classifier())
+    other = OTOTrainer(model=qa_model(), args=_args(tmp_path), train_dataset=qa_data(), groups=groups)
+    with pytest.raises(ValueError, match="another model"):
+        other.train()
+    assert GroupConfig().prune_heads
+
+
+def test_unknown_method_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="oto_method_kwargs"):
+        OTOTrainer(model=classifier(), args=_args(tmp_path, oto_method_kwargs={"nonsense": 1}),
+                   train_dataset=classification_data())
+
+
+def test_model_init_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="model_init"):
+        OTOTrainer(model_init=classifier, args=_args(tmp_path), train_dataset=classification_data())
+
+
+# -- a full run with the magnitude baseline ----------------------------------------------------------
+
+class _Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_train_logs_compresses_and_saves_with_a_model_card(tmp_path):
+    recorder = _Recorder()
+    data = classification_data()
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path, oto_measure_latency=True),
+                         train_dataset=data, eval_dataset=data, callbacks=[recorder])
+    trainer.train()
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert logged and all({"group_sparsity", "kept_params", "kept_flops"} <= set(log) for log in logged)
+    report = trainer.oto_report
+    assert report.params_after < report.params_before and report.flops_after < report.flops_before
+    assert report.latency_before_s and report.latency_after_s
+    assert sum(row["removed"] for row in report.layers) > 0
+    assert set(report.metrics) == {"sparse", "compressed"}
+
+    folder = trainer.save_compressed()
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "modeling_hf_oto.py", "README.md", "oto_report.json"} <= files
+    card = (tmp_path / "out" / "compressed" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert {"hf_oto", "structured-pruning"} <= set(front["tags"])
+    assert front["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
+    assert "| parameters |" in card and "| FLOPs" in card and "CPU latency" in card
+    assert "trust_remote_code=True" in card and "hf_oto.from_pretrained" in card
+    assert sys.argv[0].split("/")[-1] in card  # the command that reproduces it
+
+    again = hf_oto.from_pretrained(folder)
+    inputs = trainer._oto_inputs
+    assert max_relative_difference(_run(trainer.compressed_model, inputs), _run(again, inputs)) == 0
+
+
+def test_failed_save_keeps_previous_output(tmp_path, monkeypatch):
+    data = classification_data()
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path), train_dataset=data)
+    trainer.train()
+    folder = trainer.save_compressed()
+    before = sorted(os.listdir(folder))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_oto.trainer.build_model_card", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_compressed()
+    assert sorted(os.listdir(folder)) == before
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".hf_oto-")]
+
+
+class _FakeHub:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        self.files = sorted(os.listdir(kwargs["folder_path"]))
+        return "commit-info"
+
+
+def test_push_to_hub_uploads_the_compressed_folder(tmp_path, monkeypatch):
+    from transformers.utils import hub
+
+    fake = _FakeHub()
+    monkeypatch.setattr(hub, "_hf_api", fake)
+    data = classification_data()
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path, hub_model_id="tiny-oto", hub_token="tok"),
+                         train_dataset=data)
+    trainer.train()
+    assert trainer.push_to_hub(commit_message="compressed") == "commit-info"
+    kinds = [c[0] for c in fake.calls]
+    assert kinds == ["create_repo", "upload_folder"]
+    _, repo, upload = fake.calls[1]
+    assert repo == "user/tiny-oto" and upload["commit_message"] == "compressed" and upload["token"] == "tok"
+    assert upload["folder_path"].endswith(os.path.join("out", "compressed"))
+    assert {"README.md", "config.json", "model.safetensors", "modeling_hf_oto.py"} <= set(fake.files)
+
+
+def test_loss_scaling_probe():
+    """Models that average their own loss must not be scaled by the number of processes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    trainer = OTOTrainer(model=classifier(), args=OTOTrainingArguments(output_dir="unused", use_cpu=True,
+                                                                         report_to=[]))
+    batch = {k: torch.tensor(v[:4]) for k, v in classification_data()[:4].items()}
+    trainer._probe_loss_scaling(batch)
+    assert trainer.model_accepts_loss_kwargs is False
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    lm_trainer = OTOTrainer(model=lm, args=OTOTrainingArguments(output_dir="unused", use_cpu=True, report_to=[]))
+    ids = torch.randint(0, 100, (2, 8))
+    lm_trainer._probe_loss_scaling({"input_ids": ids, "labels": ids})
+    assert lm_trainer.model_accepts_loss_kwargs is True
