@@ -71,6 +71,20 @@ class AttributeBinding:
     divisor: int = 1
 
 
+@dataclass
+class NormPadding:
+    """A norm module (LayerNorm, RMSNorm) whose normalised dimension holds prunable positions.
+
+    When some of them are removed, the module keeps its full-width parameters and runs on its
+    input zero-padded back to full width, so its statistics, and the outputs, stay exact.
+    ``group`` gives the group of each position along ``dim`` (counted from the end) or -1.
+    """
+
+    module: str
+    dim: int
+    group: torch.Tensor
+
+
 class ZeroInvariantGroups:
     """The zero-invariant groups of one model, as found by :func:`hf_oto.find_groups`.
 
@@ -96,6 +110,7 @@ class ZeroInvariantGroups:
         bindings: list[AttributeBinding] | None = None,
         unprunable_tensors: dict[str, str] | None = None,
         unsupported_ops: list[str] | None = None,
+        norm_paddings: list[NormPadding] | None = None,
         model_class: str = "",
         example_inputs: Any = None,
         analysis_seconds: float = 0.0,
@@ -108,6 +123,7 @@ class ZeroInvariantGroups:
         self.bindings = bindings or []
         self.unprunable_tensors = unprunable_tensors or {}
         self.unsupported_ops = unsupported_ops or []
+        self.norm_paddings = norm_paddings or []
         self.model_class = model_class
         self.example_inputs = example_inputs
         self.analysis_seconds = analysis_seconds
@@ -255,11 +271,27 @@ class ZeroInvariantGroups:
             if not changed:
                 return remove
 
-    def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
-        """For every tensor that shrinks: dim -> sorted positions to keep."""
+    def padded_norms(self, remove: torch.Tensor) -> dict[str, tuple[int, int, torch.Tensor]]:
+        """Norm modules that lose positions: module -> (dim, full size, kept positions)."""
         remove = remove.bool().cpu()
+        out = {}
+        for p in self.norm_paddings:
+            gone = (p.group >= 0) & remove[p.group.clamp(min=0)]
+            if gone.any():
+                out[p.module] = (p.dim, p.group.numel(), (~gone).nonzero().flatten())
+        return out
+
+    def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+        """For every tensor that shrinks: dim -> sorted positions to keep.
+
+        The tensors of padded norm modules keep their full width (see :class:`NormPadding`).
+        """
+        remove = remove.bool().cpu()
+        padded = {m + "." for m in self.padded_norms(remove)}
         plan: dict[str, dict[int, torch.Tensor]] = {}
         for s in self.slices:
+            if padded and any(s.tensor.startswith(m) and "." not in s.tensor[len(m):] for m in padded):
+                continue
             drop = s.index[remove[s.group]]
             if drop.numel() == 0:
                 continue
@@ -340,6 +372,8 @@ class ZeroInvariantGroups:
                          for b in self.bindings],
             "unprunable_tensors": self.unprunable_tensors,
             "unsupported_ops": self.unsupported_ops,
+            "norm_paddings": [{"module": p.module, "dim": p.dim, "group": p.group.tolist()}
+                              for p in self.norm_paddings],
         }
 
     @classmethod
@@ -358,6 +392,8 @@ class ZeroInvariantGroups:
                                        b["divisor"]) for b in state["bindings"]],
             unprunable_tensors=state["unprunable_tensors"],
             unsupported_ops=state["unsupported_ops"],
+            norm_paddings=[NormPadding(p["module"], p["dim"], long(p["group"]))
+                           for p in state.get("norm_paddings", [])],
             model_class=state["model_class"],
         )
 

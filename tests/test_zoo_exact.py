@@ -135,3 +135,27 @@ def test_generate_after_compression_matches_sparse_model():
         ids = inputs["input_ids"][:1, :5]
         expected = model.generate(ids, **kwargs)
         assert torch.equal(small.generate(ids, **kwargs), expected)
+
+
+HIDDEN = ["bert-qa", "gpt2", "llama-gqa", "vit", "convnext"]
+
+
+@pytest.mark.parametrize("name", HIDDEN)
+def test_hidden_dimension_pruning_is_exact_with_padded_norms(name, tmp_path):
+    """Removing residual-stream dims keeps LayerNorm/RMSNorm statistics: the norms run padded."""
+    import hf_oto
+    from hf_oto import GroupConfig
+
+    model, inputs = build(name)
+    groups = find_groups(model, inputs, GroupConfig(prune_hidden=True))
+    hidden = [g for g in groups if g.kind == "hidden"]
+    assert hidden and all(g.prunable and g.exact for g in hidden)
+    mask = zero_random_groups(model, groups, 0.4, seed=3)
+    before = num_params(model)
+    reference = outputs(model, inputs)
+    small = compress(model, groups)
+    assert relative_difference(reference, outputs(small, inputs)) <= 1e-5
+    assert num_params(small) == before - groups.removed_param_count(groups.feasible_removal(mask))
+    small.save_pretrained(tmp_path)
+    again = hf_oto.from_pretrained(tmp_path)
+    assert relative_difference(outputs(small, inputs), outputs(again, inputs)) == 0

@@ -12,6 +12,7 @@ from torch import nn
 from ..graph.inputs import call_with
 from ..groups import ZeroInvariantGroups
 from .manifest import update_manifest
+from .modeling_hf_oto import pad_norm
 
 
 class CompressionError(ValueError):
@@ -70,12 +71,14 @@ def compress(
         check = False
     inexact = [g for g in groups if remove[g.index] and not g.exact]
     if inexact and check:
-        warnings.warn(f"{len(inexact)} removed groups are normalised hidden dimensions: outputs change "
-                      "slightly, so the exactness check is skipped", stacklevel=2)
+        warnings.warn(f"{len(inexact)} removed groups are normalised by ops that cannot run padded (see "
+                      "ZeroInvariantGroup.exact): outputs change slightly, so the exactness check is skipped",
+                      stacklevel=2)
         check = False
 
     remove = groups.feasible_removal(remove)
     plan = groups.removal_plan(remove)
+    paddings = groups.padded_norms(remove)
     attribute_updates = _binding_updates(groups, remove)
     reference = _run(model, groups.example_inputs) if check and groups.example_inputs is not None else None
 
@@ -86,7 +89,11 @@ def compress(
         module = target.get_submodule(path)
         for attr, value in attrs.items():
             setattr(module, attr, value)
-    update_manifest(target, shapes=shapes, attributes=attribute_updates)
+    padding_specs = {}
+    for path, (dim, size, kept) in paddings.items():
+        pad_norm(target.get_submodule(path), dim, size, kept)
+        padding_specs[path] = {"dim": dim, "size": size, "kept": kept.tolist()}
+    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs)
 
     if reference is not None:
         _verify(reference, _run(target, groups.example_inputs), rtol)

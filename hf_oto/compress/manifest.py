@@ -20,6 +20,7 @@ def get_manifest(model: nn.Module) -> dict[str, Any]:
         "modules": dict(found.get("modules", {})),
         "shapes": dict(found.get("shapes", {})),
         "attributes": {k: dict(v) for k, v in found.get("attributes", {}).items()},
+        "paddings": {k: dict(v) for k, v in found.get("paddings", {}).items()},
     }
 
 
@@ -29,9 +30,11 @@ def update_manifest(
     shapes: dict[str, list[int]] | None = None,
     attributes: dict[str, dict[str, Any]] | None = None,
     modules: dict[str, nn.Module] | None = None,
+    paddings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge changes into the model's manifest and store it where saving finds it.
 
+    ``paddings`` maps norm modules to ``{"dim", "size", "kept"}`` (see ``pad_norm``).
     ``modules`` maps module paths to layers already set in the model; their classes must be
     registered in ``hf_oto_layers.LAYER_TYPES`` so that loading can rebuild them. Shapes and
     attributes recorded earlier for a replaced module are dropped. Transformers models switch to
@@ -53,6 +56,7 @@ def update_manifest(
         manifest["attributes"] = {k: v for k, v in manifest["attributes"].items()
                                   if k != path and not k.startswith(prefix)}
     manifest["shapes"].update(shapes or {})
+    manifest["paddings"].update(paddings or {})
     for path, attrs in (attributes or {}).items():
         manifest["attributes"].setdefault(path, {}).update(
             {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()})

@@ -5,8 +5,9 @@ This file is copied next to the weights of every saved compressed model, so it i
 loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the installed copy.
 
 The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the layers replaced by
-new layer types (``modules``), the new shape of every resized tensor (``shapes``) and the new
-value of every changed module attribute (``attributes``). A ``HfOto<Base>`` class builds
+new layer types (``modules``), the new shape of every resized tensor (``shapes``), the new
+value of every changed module attribute (``attributes``) and the norm layers that run at their
+original width on zero-padded inputs (``paddings``). A ``HfOto<Base>`` class builds
 ``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
 checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
 """
@@ -23,6 +24,44 @@ from .hf_oto_layers import LAYER_TYPES
 MANIFEST_KEY = "hf_oto_manifest"
 MANIFEST_VERSION = 1
 CLASS_PREFIX = "HfOto"
+
+
+def _kept_index(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    # A plain list, turned into a tensor on first use per device: buffers would be re-created
+    # uninitialised when from_pretrained materialises the model from the meta device.
+    cache = module.__dict__.setdefault("_hf_oto_kept_cache", {})
+    if device not in cache:
+        cache[device] = torch.tensor(module._hf_oto_kept, dtype=torch.long, device=device)
+    return cache[device]
+
+
+def _pad_input(module: torch.nn.Module, args: tuple) -> tuple:
+    # The removed positions were exactly zero in the trained model: putting the zeros back makes the
+    # norm's mean and variance (over the full width) the same as before compression.
+    x = args[0]
+    dim = module._hf_oto_pad_dim % x.dim()
+    shape = list(x.shape)
+    shape[dim] = module._hf_oto_pad_size
+    full = x.new_zeros(shape).index_copy(dim, _kept_index(module, x.device), x)
+    return (full,) + tuple(args[1:])
+
+
+def _keep_output(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    first = output[0] if isinstance(output, tuple) else output
+    kept = first.index_select(module._hf_oto_pad_dim % first.dim(), _kept_index(module, first.device))
+    return (kept,) + tuple(output[1:]) if isinstance(output, tuple) else kept
+
+
+def pad_norm(module: torch.nn.Module, dim: int, size: int, kept: Any) -> None:
+    """Run a norm layer at its original width: zero-pad its input, keep only ``kept`` outputs."""
+    module._hf_oto_kept = [int(i) for i in kept]
+    module.__dict__.pop("_hf_oto_kept_cache", None)
+    module._hf_oto_pad_dim = int(dim)
+    module._hf_oto_pad_size = int(size)
+    if not getattr(module, "_hf_oto_padded", False):
+        module.register_forward_pre_hook(_pad_input)
+        module.register_forward_hook(_keep_output)
+        module._hf_oto_padded = True
 
 
 def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -> torch.nn.Module:
@@ -58,6 +97,8 @@ def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -
             if isinstance(getattr(module, attr, None), tuple) and isinstance(value, list):
                 value = tuple(value)
             setattr(module, attr, value)
+    for module_path, spec in manifest.get("paddings", {}).items():
+        pad_norm(model.get_submodule(module_path), spec["dim"], spec["size"], spec["kept"])
     return model
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..groups import AttributeBinding, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups
+from ..groups import AttributeBinding, GroupSlice, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
 from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
@@ -22,6 +22,7 @@ RULES = {**SHAPE_RULES, **COMPUTE_RULES}
 
 # Attribute names that look like sizes win over other integer attributes of the same value.
 _SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|embed|inner|group", re.I)
+_NORM_MODULE = re.compile(r"norm", re.I)
 _NEVER_A_SIZE = re.compile(r"^(layer_idx|layer_id|idx|index|id|seed|step|version|rank|world_size)$")
 
 
@@ -166,6 +167,34 @@ def _check_consistency(trace: TraceResult, bound, roots: np.ndarray) -> None:
                                  f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
 
 
+def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int]]:
+    """Norm modules whose statistics can stay exact by zero-padding their input to full width.
+
+    A site qualifies when it runs inside a module named like a norm and normalises a dimension of
+    that module's first input. Returns the paddings (module, input dim, atoms) and the components
+    normalised somewhere that cannot be padded (their removal stays approximate).
+    """
+    paddings: dict[str, tuple[str, int, np.ndarray]] = {}
+    inexact: set[int] = set()
+    for site in trace.norm_sites:
+        comps = roots[site.labels[site.labels >= 0]]
+        module = trace.modules.get(site.module)
+        inputs = trace.module_inputs.get(site.module, [])
+        dim = None
+        if module is not None and _NORM_MODULE.search(type(module).__name__):
+            for d, lab in enumerate(inputs):
+                if lab is not None and lab.shape == site.labels.shape and np.array_equal(
+                        np.where(lab >= 0, roots[np.maximum(lab, 0)], -1),
+                        np.where(site.labels >= 0, roots[np.maximum(site.labels, 0)], -1)):
+                    dim = d - len(inputs)  # from the end: batch dims of later calls may differ
+                    break
+        if dim is None:
+            inexact.update(np.unique(comps).tolist())
+        else:
+            paddings.setdefault(site.module, (site.module, dim, inputs[dim + len(inputs)]))
+    return list(paddings.values()), inexact
+
+
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     prefix = []
@@ -197,6 +226,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
     bound = _bind_sites(trace, structural)
     _check_consistency(trace, bound, roots)
+    paddings, inexact_comps = _norm_paddings(trace, roots)
     flags = atoms.component_flags(roots)
     blocked = flags.get(UNPRUNABLE, {})
 
@@ -248,7 +278,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if not reason and any(p.search(layer) for p in excluded):
             reason = "excluded by GroupConfig.exclude"
         groups.append(ZeroInvariantGroup(g, kind, layer, not reason, reason, int(sizes[g]),
-                                         exact=comp not in mixed))
+                                         exact=comp not in inexact_comps))
 
     bindings = []
     for path, attr, divisor, site in bound:
@@ -257,10 +287,17 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids.copy()),
                                          divisor))
 
+    norm_paddings = []
+    for module, dim, labels in paddings:
+        comps = np.where(labels >= 0, roots[np.maximum(labels, 0)], -1)
+        gids = np.where(comps >= 0, gid_of[np.maximum(comps, 0)], -1)
+        if (gids >= 0).any():
+            norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids.copy())))
+
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
     return ZeroInvariantGroups(
         groups, slices, shapes, {k: v for k, v in trace.tensor_names.items()},
-        config=config, bindings=bindings, unprunable_tensors=unprunable_tensors,
+        config=config, bindings=bindings, unprunable_tensors=unprunable_tensors, norm_paddings=norm_paddings,
         unsupported_ops=list(trace.unsupported), model_class=model_class,
     )
 

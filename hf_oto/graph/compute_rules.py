@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE
+from .atoms import CONV, EMBED, HEAD, STRUCTURE
 from .trace import OpContext
 
 aten = torch.ops.aten
@@ -74,7 +74,7 @@ def _reduce(ctx: OpContext, x: torch.Tensor, dims, keepdim: bool, effect: str):
         if lab[d] is None:
             continue
         if effect == "mix":
-            ctx.mark(lab[d], MIXED, "statistics over a prunable dimension")
+            ctx.mixed(lab[d], "statistics over a prunable dimension")
         elif effect == "fixed":
             ctx.unprunable(lab[d], "order statistic over a prunable dimension")
     return [None if d in dims else l for d, l in enumerate(lab) if keepdim or d not in dims]
@@ -102,7 +102,7 @@ def full_reduction(effect: str):
 def softmax(ctx: OpContext, args, kwargs, out):
     x, dim = args[0], args[1] % max(args[0].dim(), 1)
     lab = ctx.lab(x)
-    ctx.mark(lab[dim], MIXED, "softmax over a prunable dimension")
+    ctx.mixed(lab[dim], "softmax over a prunable dimension")
     return lab
 
 
@@ -295,7 +295,7 @@ def layer_norm(ctx: OpContext, args, kwargs, out):
     params = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
     labels = broadcast(ctx, [x] + params, x.shape, "layer norm")
     for lab in labels[x.dim() - k:]:
-        ctx.mark(lab, MIXED, "normalised by a layer norm")
+        ctx.mixed(lab, "normalised by a layer norm")
         ctx.mark(lab, STRUCTURE)
     stats = labels[: x.dim() - k] + [None] * k
     if isinstance(out, (tuple, list)):

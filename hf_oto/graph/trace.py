@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .atoms import UNPRUNABLE, AtomTable
+from .atoms import MIXED, UNPRUNABLE, AtomTable
 
 # Torch functions whose integer arguments come from the model's own code. Inside any other torch
 # function (F.linear, torch.flatten, F.scaled_dot_product_attention, ...) sizes are derived.
@@ -87,6 +87,14 @@ class EqualShrink:
 
 
 @dataclass
+class NormSite:
+    """An op that computes statistics over a prunable dimension (LayerNorm, RMSNorm, softmax)."""
+
+    module: str
+    labels: np.ndarray
+
+
+@dataclass
 class TraceResult:
     atoms: AtomTable
     tensor_names: dict[str, list[str]]  # canonical name -> every name (tied weights)
@@ -98,6 +106,8 @@ class TraceResult:
     unsupported: list[str]
     output_labels: list[np.ndarray]
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    norm_sites: list[NormSite] = field(default_factory=list)
+    module_inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
 
 
 class OpContext:
@@ -131,6 +141,13 @@ class OpContext:
     def mark(self, atoms: np.ndarray | None, kind: str, reason: str = "") -> None:
         if atoms is not None:
             self.atoms.flag(atoms, kind, f"{reason} ({self.where})" if reason else "")
+
+    def mixed(self, atoms: np.ndarray | None, reason: str) -> None:
+        """Statistics over a prunable dimension: removing positions changes them, unless the
+        module computing them can be padded back to full width (see the norm paddings)."""
+        if atoms is not None:
+            self.mark(atoms, MIXED, reason)
+            self.tracer.norm_sites.append(NormSite(self.module, atoms))
 
     def merge(self, arrays: list[np.ndarray | None], what: str) -> np.ndarray | None:
         """Union dimensions that must shrink together; ``None`` is a partner that cannot shrink."""
@@ -217,6 +234,8 @@ class ChannelTracer:
         self.sites: list[SizeSite] = []
         self.equal_shrink: list[EqualShrink] = []
         self.unsupported: list[str] = []
+        self.norm_sites: list[NormSite] = []
+        self.module_inputs: dict[str, list[np.ndarray | None]] = {}
         self.used: set[str] = set()
         self.tensor_names: dict[str, list[str]] = {}
         self.tensor_is_param: dict[str, bool] = {}
@@ -326,8 +345,15 @@ class ChannelTracer:
         names = {id(m): n for n, m in self.model.named_modules()}
         stack = self.module_stack
 
-        def pre_hook(module, _args):
-            stack.append(names.get(id(module), stack[-1]))
+        module_inputs = self.module_inputs
+
+        def pre_hook(module, args):
+            name = names.get(id(module), stack[-1])
+            stack.append(name)
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if first is not None and name not in module_inputs:
+                entry = self.labels.get(id(first))
+                module_inputs[name] = list(entry[1]) if entry is not None else [None] * first.dim()
 
         def post_hook(module, _args, _out):
             if len(stack) > 1:
@@ -359,6 +385,8 @@ class ChannelTracer:
             unsupported=self.unsupported,
             output_labels=output_labels,
             modules=dict(self.model.named_modules()),
+            norm_sites=self.norm_sites,
+            module_inputs=self.module_inputs,
         )
 
 
