@@ -219,7 +219,8 @@ class OTOTrainer(Trainer):
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
             options=dict(args.oto_method_kwargs), target_group_sparsity=args.target_group_sparsity,
             variant=args.oto_variant, pruning_start_step=start, pruning_end_step=end,
-            pruning_periods=args.oto_pruning_periods)
+            pruning_periods=args.oto_pruning_periods,
+            decay_parameter_names=self.get_decay_parameter_names(self.model))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self._oto_ready:

@@ -43,6 +43,8 @@ class TrainingSettings:
     pruning_start_step: int = 0
     pruning_end_step: int = 0
     pruning_periods: int = 1
+    # Parameters that get weight decay (Trainer excludes biases and norms); None: all of them.
+    decay_parameter_names: list[str] | None = None
 
 
 class CompressionMethod:
