@@ -143,17 +143,19 @@ def load_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Data
     return train, dev
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SquadTrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, SquadTrainingArguments),
                               description=__doc__.split("\n\n")[0])
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
         load = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = load(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(training_args.seed)
+        return load(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
 
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments,
+                  training_args: SquadTrainingArguments) -> QuestionAnsweringOTOTrainer:
+    """Data, tokenizer, model and features, wired into the QA trainer (nothing trained yet)."""
+    set_seed(training_args.seed)
     train_examples, dev_examples = load_data(data_args)
     model_path = resolve_model(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.tokenizer_name or model_args.model_name_or_path))
@@ -168,10 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
         dev_features = dev_examples.map(
             prepare_eval_features, batched=True, remove_columns=dev_examples.column_names, desc="validation features",
             fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_seq_length, "stride": data_args.doc_stride})
+    return QuestionAnsweringOTOTrainer(model=model, args=training_args, train_dataset=train_features,
+                                       eval_dataset=dev_features, eval_examples=dev_examples,
+                                       processing_class=tokenizer, data_args=data_args)
 
-    trainer = QuestionAnsweringOTOTrainer(model=model, args=training_args, train_dataset=train_features,
-                                          eval_dataset=dev_features, eval_examples=dev_examples,
-                                          processing_class=tokenizer, data_args=data_args)
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    trainer = build_trainer(model_args, data_args, training_args)
     dense_metrics = trainer.evaluate(metric_key_prefix="dense")
     trainer.train()
     report = trainer.oto_report
