@@ -90,7 +90,8 @@ def find_dsp_layers(model: nn.Module, config: DSPConfig) -> tuple[dict[str, nn.M
     modules = dict(model.named_modules())
     if config.include is not None:
         for pattern in config.include:
-            if pattern in modules:
+            # An exact path of a leaf layer is a request for that layer: refuse it loudly.
+            if pattern in modules and not any(True for _ in modules[pattern].children()):
                 reason = ineligible_reason(modules[pattern], config)
                 if reason:
                     raise ValueError(f"DSP cannot restructure layer {pattern!r}: {reason}")
