@@ -79,6 +79,7 @@ class DSP(CompressionMethod):
         self.masks: dict[str, torch.Tensor] = {}
         self.beta: float | None = None
         self.reached: float | None = None
+        self.hardened_step: int | None = None
         self.report: list[ConversionEntry] = []
         self._trainer_total_steps = 0
         self._trainer_harden_step = 0
@@ -223,6 +224,7 @@ class DSP(CompressionMethod):
             "blocks": blocks,
             "beta": self.beta,
             "reached": self.reached,
+            "hardened_step": self.hardened_step,
             "generator": self._generator.get_state().tolist() if self._generator is not None else None,
         }
 
@@ -233,6 +235,7 @@ class DSP(CompressionMethod):
         self.config = DSPConfig.from_dict(state["config"])
         self.step = int(state["step"])
         self.beta, self.reached = state.get("beta"), state.get("reached")
+        self.hardened_step = state.get("hardened_step")
         if state.get("generator") is not None:
             device = next(iter(self.layers.values())).weight.device
             self._noise(device).set_state(torch.tensor(state["generator"], dtype=torch.uint8))
@@ -306,6 +309,7 @@ class DSP(CompressionMethod):
             m._parameters[LOGITS].requires_grad_(False)
             m._parameters[LOGITS].grad = None
         self.hardened = True
+        self.hardened_step = self.step
 
     def flops_reduction(self, model: nn.Module | None = None) -> float:
         """FLOPs reduction of the current structure: hard assignments (argmax before hardening)
@@ -351,7 +355,7 @@ def describe(method: DSP) -> str:
     """A table of the trained layers, their FLOPs share and the groups conversion produced."""
     lines = [f"DSP: {len(method.layers)} layers, {method.dsp_flops_share:.1%} of the model's FLOPs"]
     if method.reached is not None:
-        lines.append(f"hardened at step {method.step}: beta={method.beta:.4f}, FLOPs reduction {method.reached:.1%}")
+        lines.append(f"hardened at step {method.hardened_step}: beta={method.beta:.4f}, FLOPs reduction {method.reached:.1%}")
     for e in method.report:
         groups = " ".join(f"{o}x{i}" for o, i in e.groups)
         lines.append(f"  {e.path:<50} {e.mode:<8} folded={str(e.folded):<5} out_index={str(e.out_index):<5} "
