@@ -106,7 +106,7 @@ def test_group_structure_reports_original_positions():
         assert torch.allclose(layer(x), new(x))
 
 
-def test_plan_merges_identical_groups_and_absorbs_dead_ones():
+def test_plan_merges_identical_groups_and_makes_dead_filters_constant():
     layer = nn.Linear(4, 6)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1., 1, 0, 0],    # group 0 reads {0, 1}
@@ -116,13 +116,19 @@ def test_plan_merges_identical_groups_and_absorbs_dead_ones():
                                          [0, 0, 0, 0],    # group 3: no input left (bias only)
                                          [0, 0, 0, 0]]))
     plan = plan_layer("l", layer.weight, torch.tensor([0, 1, 2, 2, 3, 3]))
-    # groups 0 and 2 read the same channels: merged; group 3's filters join the narrowest group.
-    assert [f.tolist() for f in plan.filters] == [[0, 2, 3], [1, 4, 5]]
+    # groups 0 and 2 read the same channels: merged; group 3's filters only output their bias.
+    assert [f.tolist() for f in plan.filters] == [[0, 2, 3], [1]]
     assert [c.tolist() for c in plan.channels] == [[0, 1], [2]]
-    new, _, _ = build_layer(layer, plan, "split")
+    assert plan.constant.tolist() == [4, 5]
+    assert plan.summary() == [(3, 2), (1, 1), (2, 0)]
     x = torch.randn(3, 4)
-    with torch.no_grad():
-        assert torch.allclose(layer(x), new(x), atol=1e-6)
+    for mode in ("split", "grouped"):
+        new, _, fraction = build_layer(layer, plan, mode)
+        assert new.const_rows == 2
+        assert fraction == (7 / 24 if mode == "split" else 12 / 24)  # constant rows cost nothing
+        with torch.no_grad():
+            assert torch.allclose(layer(x), new(x), atol=1e-6)
+        assert new.group_structure()[-1] == {"inputs": [], "outputs": [4, 5]}
 
 
 def test_fully_zero_layer_still_converts():

@@ -294,3 +294,30 @@ def test_hf_trainer_drives_the_protocol(tmp_path):
     small = method.finalize(model.eval(), groups)
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) <= 1e-5
     assert 1 - flops(small, inputs) / flops(model, inputs) >= 0.35
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer", "group"])
+def test_allocations_reach_the_target(allocation):
+    """Each allocation meets the target; 'layer' cuts every layer alike, 'group' every group alike."""
+    from hf_oto.methods.dsp import choose_blocks, profile
+
+    model, inputs = build("vgg-bn")
+    method = DSP(max_groups=4, example_inputs=inputs)
+    method.prepare(model, None)
+    total, costs = profile(model, inputs, list(method.layers))
+    gen = torch.Generator().manual_seed(0)
+    assignments = {p: torch.randint(0, 4, (m.weight.shape[0],), generator=gen) for p, m in method.layers.items()}
+    energies = {p: filter_channel_energy(m.weight.detach()) for p, m in method.layers.items()}
+    masks, _, reached = choose_blocks(energies, assignments, 4, costs, total, 0.5, allocation)
+    assert 0.5 <= reached <= 0.53
+    kept = {p: float(masks[p].float().mean()) for p in masks}  # fraction of each layer's MACs kept
+    if allocation == "layer":
+        assert max(kept.values()) - min(kept.values()) < 0.06, kept
+    if allocation == "group":
+        for p, mask in masks.items():
+            per_group = {int(mask[assignments[p] == g].any(0).sum()) for g in assignments[p].unique()}
+            assert max(per_group) - min(per_group) <= 1, (p, per_group)
+    with pytest.raises(ValueError, match="allocation"):
+        choose_blocks(energies, assignments, 4, costs, total, 0.5, "random")
+    with pytest.raises(ValueError, match="allocation"):
+        DSPConfig(allocation="random")

@@ -15,6 +15,9 @@ Two execution modes hold the same function:
   batched matmul. Groups of unequal sizes are padded to the largest with zero weights (the padding
   multiply-adds are executed and counted), and padding rows are dropped by an output index.
 
+Filters that kept no input channel at all output their bias (or zero): they are ``const_rows``
+appended after the computed rows, at no multiply-add.
+
 Where the permutation could not be folded (outputs feeding a residual add shared with other pruned
 layers, or the model output), ``out_index`` puts rows back into the original channel order: an
 ``index_select`` over the output, whose cost the benchmark reports.
@@ -45,7 +48,7 @@ class _DSPLayer(nn.Module):
     """Shared bookkeeping: group sizes, the input/output index buffers and the bias."""
 
     def _setup(self, in_features: int, out_features: int, in_sizes: list[int], out_sizes: list[int],
-               mode: str, has_out_index: bool, bias: bool, device=None, dtype=None) -> None:
+               mode: str, has_out_index: bool, bias: bool, const_rows: int = 0, device=None, dtype=None) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if len(in_sizes) != len(out_sizes) or not in_sizes:
@@ -60,7 +63,9 @@ class _DSPLayer(nn.Module):
         self.out_sizes = [int(s) for s in out_sizes]
         self.mode = mode
         self.num_groups = len(in_sizes)
-        self.rows = sum(self.out_sizes)
+        self.const_rows = int(const_rows)
+        self.computed_rows = sum(self.out_sizes)
+        self.rows = self.computed_rows + self.const_rows
         self._in_off = _offsets(self.in_sizes)
         self._out_off = _offsets(self.out_sizes)
         # A group reading every input channel in order needs no gather (indices are kept sorted).
@@ -79,9 +84,20 @@ class _DSPLayer(nn.Module):
 
     def _common_spec(self) -> dict[str, Any]:
         return {"in_sizes": list(self.in_sizes), "out_sizes": list(self.out_sizes), "mode": self.mode,
-                "has_out_index": self.out_index is not None, "bias": self.bias is not None}
+                "has_out_index": self.out_index is not None, "bias": self.bias is not None,
+                "const_rows": self.const_rows}
 
     def _finish(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.const_rows:
+            shape = list(y.shape)
+            shape[dim] = self.const_rows
+            if self.bias is None:
+                const = y.new_zeros(shape)
+            else:
+                view = [1] * y.dim()
+                view[dim] = self.const_rows
+                const = self.bias[self.computed_rows:].view(view).expand(shape)
+            y = torch.cat([y, const], dim)
         if self.out_index is not None:
             y = y.index_select(dim, self.out_index)
         return y
@@ -111,6 +127,8 @@ class _DSPLayer(nn.Module):
             ins = self.in_index[self._in_off[g]:self._in_off[g + 1]].cpu()
             outs = inv[self._out_off[g]:self._out_off[g + 1]]
             out.append({"inputs": sorted(set(ins.tolist())), "outputs": sorted(o for o in outs.tolist() if o >= 0)})
+        if self.const_rows:
+            out.append({"inputs": [], "outputs": sorted(inv[self.computed_rows:].tolist())})
         return out
 
 
@@ -131,7 +149,7 @@ class DSPConv(_DSPLayer):
     def __init__(self, *, ndim: int, in_channels: int, out_channels: int, kernel_size: list[int] | tuple[int, ...],
                  in_sizes: list[int], out_sizes: list[int], stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                  padding_mode: str = "zeros", mode: str = "split", has_out_index: bool = False, bias: bool = False,
-                 device=None, dtype=None) -> None:
+                 const_rows: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         if ndim not in (1, 2, 3):
             raise ValueError(f"ndim must be 1, 2 or 3, got {ndim}")
@@ -143,7 +161,8 @@ class DSPConv(_DSPLayer):
         self.dilation = _tuple(dilation, ndim)
         self.padding = padding if isinstance(padding, str) else _tuple(padding, ndim)
         self.padding_mode = padding_mode
-        self._setup(in_channels, out_channels, in_sizes, out_sizes, mode, has_out_index, bias, device, dtype)
+        self._setup(in_channels, out_channels, in_sizes, out_sizes, mode, has_out_index, bias, const_rows,
+                    device, dtype)
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
         if padding_mode != "zeros":
             if isinstance(self.padding, str):
@@ -155,7 +174,7 @@ class DSPConv(_DSPLayer):
                 nn.Parameter(torch.zeros(o, i, *self.kernel_size, device=device, dtype=dtype))
                 for i, o in zip(self.in_sizes, self.out_sizes)])
         else:
-            self.weight = nn.Parameter(torch.zeros(self.rows, self.in_sizes[0], *self.kernel_size,
+            self.weight = nn.Parameter(torch.zeros(self.computed_rows, self.in_sizes[0], *self.kernel_size,
                                                    device=device, dtype=dtype))
 
     def manifest_spec(self) -> dict[str, Any]:
@@ -182,13 +201,14 @@ class DSPConv(_DSPLayer):
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim)
         else:
             xs = x if self._full_input[0] and self.num_groups == 1 else x.index_select(dim, self.in_index)
-            y = self._run(xs, self.weight, self.bias, self.num_groups)
+            bias = None if self.bias is None else self.bias[:self.computed_rows]
+            y = self._run(xs, self.weight, bias, self.num_groups)
         return self._finish(y, dim)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"mode={self.mode}, groups(in x out)={list(zip(self.in_sizes, self.out_sizes))}, "
-                f"out_index={self.out_index is not None}")
+                f"const_rows={self.const_rows}, out_index={self.out_index is not None}")
 
 
 class DSPLinear(_DSPLayer):
@@ -202,11 +222,13 @@ class DSPLinear(_DSPLayer):
     """
 
     def __init__(self, *, in_features: int, out_features: int, in_sizes: list[int], out_sizes: list[int],
-                 mode: str = "split", has_out_index: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+                 mode: str = "split", has_out_index: bool = False, bias: bool = True, const_rows: int = 0,
+                 device=None, dtype=None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._setup(in_features, out_features, in_sizes, out_sizes, mode, has_out_index, bias, device, dtype)
+        self._setup(in_features, out_features, in_sizes, out_sizes, mode, has_out_index, bias, const_rows,
+                    device, dtype)
         if mode == "split":
             self.weights = nn.ParameterList([nn.Parameter(torch.zeros(o, i, device=device, dtype=dtype))
                                              for i, o in zip(self.in_sizes, self.out_sizes)])
@@ -230,9 +252,10 @@ class DSPLinear(_DSPLayer):
         else:
             lead = x.shape[:-1]
             xs = x.index_select(-1, self.in_index).reshape(-1, self.num_groups, self.in_sizes[0])
-            y = torch.bmm(xs.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1).reshape(*lead, self.rows)
+            y = torch.bmm(xs.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
+            y = y.reshape(*lead, self.computed_rows)
             if self.bias is not None:
-                y = y + self.bias
+                y = y + self.bias[:self.computed_rows]
         return self._finish(y, -1)
 
     def extra_repr(self) -> str:

@@ -30,6 +30,10 @@ class DSPConfig:
             ``pruning_end_step`` when it has one, else 0.6. Training after it fine-tunes with the
             pruned blocks held at exactly zero.
         total_steps: training steps, when no trainer tells the method (0: from the trainer).
+        allocation: how the FLOPs target is spread when hardening: ``"global"`` (one threshold
+            on each layer's cumulative energy share, as the authors do), ``"layer"`` (every layer
+            loses the same fraction of its multiply-adds) or ``"group"`` (every filter group keeps
+            the same fraction of its input channels).
         include / exclude: regular expressions over module paths (``re.search``); ``include=None``
             takes every eligible layer. A layer named by an ``include`` pattern that is an exact
             path must be eligible, otherwise :class:`ValueError` says why.
@@ -58,6 +62,7 @@ class DSPConfig:
     gumbel: bool = True
     assignment_lr: float = 0.02
     harden_at: float | None = None
+    allocation: str = "global"
     total_steps: int = 0
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
@@ -83,6 +88,8 @@ class DSPConfig:
                              f"{self.temperature} and {self.final_temperature}")
         if self.harden_at is not None and self.harden_at < 0:
             raise ValueError(f"harden_at must be >= 0, got {self.harden_at}")
+        if self.allocation not in ("global", "layer", "group"):
+            raise ValueError(f"allocation must be 'global', 'layer' or 'group', got {self.allocation!r}")
         if self.mode not in ("split", "grouped", "auto"):
             raise ValueError(f"mode must be 'split', 'grouped' or 'auto', got {self.mode!r}")
         if self.min_in_channels < 1:

@@ -41,17 +41,19 @@ class LayerPlan:
     path: str
     filters: list[torch.Tensor]
     channels: list[torch.Tensor]
+    constant: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     folded: bool = False
     fold_note: str = ""
 
     @property
     def order(self) -> torch.Tensor:
-        """Filters in execution order (group after group)."""
-        return torch.cat(self.filters)
+        """Filters in execution order: group after group, then the filters that read nothing."""
+        return torch.cat(self.filters + [self.constant])
 
     def remap_filters(self, perm: torch.Tensor) -> None:
         inv = _inverse(perm)
         self.filters = [inv[f].sort().values for f in self.filters]
+        self.constant = inv[self.constant].sort().values
         self._sort_groups()
 
     def remap_channels(self, perm: torch.Tensor) -> None:
@@ -64,8 +66,9 @@ class LayerPlan:
         self.channels = [self.channels[g] for g in order]
 
     def summary(self) -> list[tuple[int, int]]:
-        """(filters, input channels) of every group."""
-        return [(len(f), len(c)) for f, c in zip(self.filters, self.channels)]
+        """(filters, input channels) of every group; filters reading nothing last, as (n, 0)."""
+        groups = [(len(f), len(c)) for f, c in zip(self.filters, self.channels)]
+        return groups + ([(len(self.constant), 0)] if len(self.constant) else [])
 
 
 @dataclass
@@ -92,9 +95,9 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 def plan_layer(path: str, weight: torch.Tensor, assignment: torch.Tensor) -> LayerPlan:
     """Groups of a layer from its hard ``assignment`` (filter -> group id) and its zero pattern.
 
-    A group reads the input channels where any of its filters has a non-zero weight. Groups that
-    read nothing (their filters output only the bias) join the live group reading the fewest
-    channels, with zero weights; groups reading the same channels are merged. Both are exact.
+    A group reads the input channels where any of its filters has a non-zero weight; groups
+    reading the same channels are merged (exact). Filters of groups that read nothing output only
+    their bias: they become constant rows, at no multiply-add.
     """
     w = weight.detach().cpu()
     n, c = w.shape[:2]
@@ -108,14 +111,14 @@ def plan_layer(path: str, weight: torch.Tensor, assignment: torch.Tensor) -> Lay
     onehot[label, torch.arange(n)] = 1.0
     reads = (onehot @ nonzero.float()) > 0                # (G, C)
     live = reads.any(1)
+    constant = torch.zeros(0, dtype=torch.long)
     if not live.any():
+        # Every filter is constant; one zero-weight group reading channel 0 keeps the layer a layer.
         reads = torch.zeros(1, c, dtype=torch.bool)
         reads[0, 0] = True
         label = torch.zeros(n, dtype=torch.long)
     else:
-        if not live.all():
-            widths = reads.sum(1).masked_fill(~live, c + 1)
-            label = torch.where(live[label], label, torch.argmin(widths))
+        constant = (~live[label]).nonzero().flatten()
         merged_rows, merged = torch.unique(reads[live], dim=0, return_inverse=True)
         to_merged = torch.full((groups,), -1, dtype=torch.long)
         to_merged[live.nonzero().flatten()] = merged
@@ -123,7 +126,7 @@ def plan_layer(path: str, weight: torch.Tensor, assignment: torch.Tensor) -> Lay
         reads = merged_rows
     filters = [(label == g).nonzero().flatten() for g in range(reads.shape[0])]
     keep = [g for g, f in enumerate(filters) if f.numel()]
-    plan = LayerPlan(path, [filters[g] for g in keep], [reads[g].nonzero().flatten() for g in keep])
+    plan = LayerPlan(path, [filters[g] for g in keep], [reads[g].nonzero().flatten() for g in keep], constant)
     plan._sort_groups()
     return plan
 
@@ -151,7 +154,7 @@ def _try_fold(plan: LayerPlan, groups: ZeroInvariantGroups, tensors: _Tensors, c
     """Fold ``plan.order`` into the model's tensors; returns '' on success, else why not."""
     weight_name = tensors.canon(plan.path + ".weight")
     s0 = tensors.slices.get((weight_name, 0))
-    n = sum(len(f) for f in plan.filters)
+    n = plan.order.numel()
     if s0 is None:
         return "its output channels belong to no zero-invariant group"
     if s0.index.numel() != n or not torch.equal(s0.index.sort().values, torch.arange(n)) \
@@ -219,8 +222,11 @@ def build_layer(module: nn.Module, plan: LayerPlan, mode: str = "split", grouped
         mode = "split"
     rows_out = sizes_out if mode == "split" else [max(sizes_out)] * groups
     rows_in = sizes_in if mode == "split" else [max(sizes_in)] * groups
-    # Row r of the computed output holds filter row_filter[r] (-1: padding).
-    row_filter = torch.full((sum(rows_out),), -1, dtype=torch.long)
+    # Row r of the output before out_index holds filter row_filter[r] (-1: padding); constant
+    # filters come after the computed rows.
+    const = plan.constant
+    row_filter = torch.full((sum(rows_out) + len(const),), -1, dtype=torch.long)
+    row_filter[sum(rows_out):] = const
     in_index = []
     start = 0
     for f, ch, rows, width in zip(plan.filters, plan.channels, rows_out, rows_in):
@@ -233,7 +239,7 @@ def build_layer(module: nn.Module, plan: LayerPlan, mode: str = "split", grouped
     real = row_filter >= 0
     out_index[row_filter[real]] = real.nonzero().flatten()
     common = dict(in_sizes=rows_in, out_sizes=rows_out, mode=mode, has_out_index=needs_out_index,
-                  bias=module.bias is not None, device=w.device, dtype=w.dtype)
+                  bias=module.bias is not None, const_rows=len(const), device=w.device, dtype=w.dtype)
     if isinstance(module, nn.Linear):
         layer: nn.Module = DSPLinear(in_features=c, out_features=n, **common)
     else:
@@ -245,7 +251,7 @@ def build_layer(module: nn.Module, plan: LayerPlan, mode: str = "split", grouped
         if needs_out_index:
             layer.out_index.copy_(out_index)
         if module.bias is not None:
-            bias = torch.zeros(sum(rows_out), dtype=w.dtype, device=w.device)
+            bias = torch.zeros(len(row_filter), dtype=w.dtype, device=w.device)
             bias[real.to(w.device)] = module.bias.detach()[row_filter[real].to(w.device)]
             layer.bias.copy_(bias)
         if mode == "split":
@@ -341,7 +347,7 @@ def _convert(model: nn.Module, assignments: dict[str, torch.Tensor], groups: Zer
         if LOGITS in module._parameters:
             del module._parameters[LOGITS]
         n, c = module.weight.shape[:2]
-        if len(plan.filters) == 1 and len(plan.channels[0]) == c:
+        if len(plan.filters) == 1 and len(plan.channels[0]) == c and not len(plan.constant):
             entries.append(ConversionEntry(p, plan.summary(), "dense", True, False, "one group reading every input",
                                            1.0, replaced=False))
             continue

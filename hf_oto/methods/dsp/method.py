@@ -303,7 +303,8 @@ class DSP(CompressionMethod):
             self.assignments = {p: hard_assignment(m._parameters[LOGITS]) for p, m in self.layers.items()}
             energies = {p: filter_channel_energy(m.weight.detach()) for p, m in self.layers.items()}
         self.masks, self.beta, self.reached = choose_blocks(energies, self.assignments, self.config.max_groups,
-                                                            self.costs, self.total_flops, target)
+                                                            self.costs, self.total_flops, target,
+                                                            self.config.allocation)
         apply_masks(self.layers, self.masks)
         for m in self.layers.values():
             m._parameters[LOGITS].requires_grad_(False)
@@ -355,7 +356,7 @@ def describe(method: DSP) -> str:
     """A table of the trained layers, their FLOPs share and the groups conversion produced."""
     lines = [f"DSP: {len(method.layers)} layers, {method.dsp_flops_share:.1%} of the model's FLOPs"]
     if method.reached is not None:
-        lines.append(f"hardened at step {method.hardened_step}: beta={method.beta:.4f}, FLOPs reduction {method.reached:.1%}")
+        lines.append(f"hardened at step {method.hardened_step}: threshold={method.beta:.4f}, FLOPs reduction {method.reached:.1%}")
     for e in method.report:
         groups = " ".join(f"{o}x{i}" for o, i in e.groups)
         lines.append(f"  {e.path:<50} {e.mode:<8} folded={str(e.folded):<5} out_index={str(e.out_index):<5} "

@@ -206,36 +206,53 @@ def structure_macs(weight: torch.Tensor, assignment: torch.Tensor, cost: LayerCo
 
 # -- hardening to a FLOPs target -----------------------------------------------------------------
 
+ALLOCATIONS = ("global", "layer", "group")
+
+
 @dataclass
 class _Ranked:
-    """One layer's blocks, lowest energy per filter first, with cumulative energy shares."""
+    """One layer's blocks in pruning order with a non-decreasing key in [0, 1]: the blocks whose
+    key is at most the knob are pruned (the last block always stays)."""
 
-    share: torch.Tensor   # cumulative share of the layer's energy, ascending
+    key: torch.Tensor
     sizes: torch.Tensor   # filters in each block's group (same order)
     groups: torch.Tensor  # block -> group
     channels: torch.Tensor
     unit: int
 
 
-def _rank(energy: torch.Tensor, assignment: torch.Tensor, groups: int, cost: LayerCost) -> _Ranked:
-    blocks = torch.zeros(groups, energy.shape[1], dtype=torch.float64).index_add_(0, assignment, energy.double())
+def _rank(energy: torch.Tensor, assignment: torch.Tensor, groups: int, cost: LayerCost,
+          allocation: str = "global") -> _Ranked:
+    n, c = energy.shape
+    blocks = torch.zeros(groups, c, dtype=torch.float64).index_add_(0, assignment, energy.double())
     sizes = torch.bincount(assignment, minlength=groups)
     present = (sizes > 0).nonzero().flatten()
-    g_idx = present.repeat_interleave(energy.shape[1])
-    c_idx = torch.arange(energy.shape[1]).repeat(present.numel())
+    g_idx = present.repeat_interleave(c)
+    c_idx = torch.arange(c).repeat(present.numel())
     e = blocks[g_idx, c_idx]
     density = e / sizes[g_idx].double()
-    order = torch.argsort(density, stable=True)
-    e, g_idx, c_idx = e[order], g_idx[order], c_idx[order]
-    total = float(e.sum())
-    share = e.cumsum(0) / total if total > 0 else torch.zeros_like(e)
-    return _Ranked(share=share, sizes=sizes[g_idx], groups=g_idx, channels=c_idx, unit=cost.unit_macs)
+    if allocation == "group":
+        # Every group keeps the same fraction of its input channels, its strongest ones.
+        within = torch.argsort(torch.argsort(blocks[present], dim=1, stable=True), dim=1).flatten()
+        frac = (within.double() + 1) / c
+        order = torch.argsort(frac + density / (density.max() + 1) / c, stable=True)  # ties: weaker first
+        key = frac[order]
+    else:
+        order = torch.argsort(density, stable=True)
+        if allocation == "layer":
+            # Every layer loses the same fraction of its multiply-adds, weakest blocks first.
+            key = sizes[g_idx[order]].double().cumsum(0) / (n * c)
+        else:
+            # One threshold on the cumulative share of each layer's energy (the authors' rule).
+            total = float(e.sum())
+            key = e[order].cumsum(0) / total if total > 0 else torch.zeros_like(e)
+    g_idx, c_idx = g_idx[order], c_idx[order]
+    return _Ranked(key=key, sizes=sizes[g_idx], groups=g_idx, channels=c_idx, unit=cost.unit_macs)
 
 
-def _pruned_count(r: _Ranked, beta: float) -> int:
-    # Blocks whose cumulative share stays within beta go; the strongest block always stays.
-    return min(int(torch.searchsorted(r.share, torch.tensor(beta, dtype=r.share.dtype), right=True)),
-               r.share.numel() - 1)
+def _pruned_count(r: _Ranked, knob: float) -> int:
+    return min(int(torch.searchsorted(r.key, torch.tensor(knob, dtype=r.key.dtype), right=True)),
+               r.key.numel() - 1)
 
 
 def _kept_macs(r: _Ranked, count: int) -> int:
@@ -244,28 +261,34 @@ def _kept_macs(r: _Ranked, count: int) -> int:
 
 def choose_blocks(energies: dict[str, torch.Tensor], assignments: dict[str, torch.Tensor], groups: int,
                   costs: dict[str, LayerCost], total_flops: int, flops_reduction: float,
-                  ) -> tuple[dict[str, torch.Tensor], float, float]:
+                  allocation: str = "global") -> tuple[dict[str, torch.Tensor], float, float]:
     """Masks (filters x inputs, bool) that keep the blocks reaching ``flops_reduction`` of the
-    model's FLOPs, the beta found, and the reduction reached.
+    model's FLOPs, the knob found, and the reduction reached.
 
-    ``beta`` is bisected: every layer drops its weakest blocks (by energy per filter) while their
-    cumulative share of the layer's energy is at most beta; the smallest beta meeting the target
-    wins, so the reduction is the target rounded up to the next block.
+    One knob in [0, 1] is bisected, the smallest meeting the target wins (so the reduction is the
+    target rounded up to the next block). ``allocation`` says what the knob is:
+
+    * ``"global"``: every layer drops its weakest blocks (energy per filter) while their cumulative
+      share of the layer's energy is at most the knob (the authors' shared threshold);
+    * ``"layer"``: every layer drops the same fraction of its multiply-adds, weakest blocks first;
+    * ``"group"``: every group drops the same fraction of its input channels, weakest first.
     """
-    ranked = {p: _rank(energies[p].cpu(), assignments[p].cpu(), groups, costs[p]) for p in energies}
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    ranked = {p: _rank(energies[p].cpu(), assignments[p].cpu(), groups, costs[p], allocation) for p in energies}
     dense = sum(c.dense_macs for p, c in costs.items() if p in energies)
 
-    def reduction(beta: float) -> float:
-        kept = sum(_kept_macs(r, _pruned_count(r, beta)) for r in ranked.values())
+    def reduction(knob: float) -> float:
+        kept = sum(_kept_macs(r, _pruned_count(r, knob)) for r in ranked.values())
         return 2 * (dense - kept) / total_flops
 
     lo, hi = 0.0, 1.0
     if reduction(hi) < flops_reduction:
         warnings.warn(f"DSP can remove at most {reduction(hi):.1%} of the FLOPs with these layers; the target "
                       f"{flops_reduction:.1%} is out of reach, pruning all but one block per layer", stacklevel=3)
-        beta = hi
+        knob = hi
     elif reduction(lo) >= flops_reduction:
-        beta = lo
+        knob = lo
     else:
         for _ in range(60):
             mid = (lo + hi) / 2
@@ -273,14 +296,14 @@ def choose_blocks(energies: dict[str, torch.Tensor], assignments: dict[str, torc
                 hi = mid
             else:
                 lo = mid
-        beta = hi
+        knob = hi
     masks = {}
     for p, r in ranked.items():
-        count = _pruned_count(r, beta)
+        count = _pruned_count(r, knob)
         keep_block = torch.ones(groups, energies[p].shape[1], dtype=torch.bool)
         keep_block[r.groups[:count], r.channels[:count]] = False
         masks[p] = keep_block[assignments[p].cpu()].to(energies[p].device)
-    return masks, beta, reduction(beta)
+    return masks, knob, reduction(knob)
 
 
 def max_reduction(costs: dict[str, LayerCost], total_flops: int) -> float:
