@@ -321,3 +321,28 @@ def test_allocations_reach_the_target(allocation):
         choose_blocks(energies, assignments, 4, costs, total, 0.5, "random")
     with pytest.raises(ValueError, match="allocation"):
         DSPConfig(allocation="random")
+
+
+def test_shrink_window_takes_the_blocks_to_zero_gradually():
+    model, inputs = build("vgg-bn")
+    method = DSP(max_groups=3, flops_reduction=0.5, harden_at=8, shrink=4, total_steps=10, example_inputs=inputs)
+    method.prepare(model, None)
+    assert (method.select_step, method.harden_step) == (4, 8)
+    optimizer = _train(model, inputs, method, steps=4)
+    assert method.selected and not method.hardened and method.regularizer(model) is None
+    path = "features.3.0"
+    pruned = ~method.masks[path]
+
+    def pruned_norm() -> float:
+        return float(model.get_submodule(path).weight.detach().reshape(*pruned.shape, -1)[pruned].norm())
+
+    norms = [pruned_norm()]
+    for step in range(5, 9):
+        _train(model, inputs, method, steps=step, start=step, optimizer=optimizer)
+        norms.append(pruned_norm())
+    assert norms[0] > 0 and all(b < a for a, b in zip(norms, norms[1:-1])) and norms[-1] == 0.0
+    assert method.hardened and method.hardened_step == 8
+    _train(model, inputs, method, steps=10, start=9, optimizer=optimizer)
+    assert pruned_norm() == 0.0
+    small = method.finalize(model, None)
+    assert relative_difference(outputs(model, inputs), outputs(small, inputs)) <= 1e-5

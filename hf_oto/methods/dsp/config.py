@@ -30,6 +30,10 @@ class DSPConfig:
             ``pruning_end_step`` when it has one, else 0.6. Training after it fine-tunes with the
             pruned blocks held at exactly zero.
         total_steps: training steps, when no trainer tells the method (0: from the trainer).
+        shrink: a window before ``harden_at`` (fraction of the steps if < 1, else steps) over which
+            the chosen blocks shrink linearly to zero while the rest trains (HESSO-style), instead
+            of being cut at once (0, the authors' one-shot pruning). Assignments become hard and
+            the blocks are chosen when the window opens.
         allocation: how the FLOPs target is spread when hardening: ``"global"`` (one threshold
             on each layer's cumulative energy share, as the authors do), ``"layer"`` (every layer
             loses the same fraction of its multiply-adds) or ``"group"`` (every filter group keeps
@@ -62,6 +66,7 @@ class DSPConfig:
     gumbel: bool = True
     assignment_lr: float = 0.02
     harden_at: float | None = None
+    shrink: float = 0.0
     allocation: str = "global"
     total_steps: int = 0
     include: list[str] | None = None
@@ -88,6 +93,8 @@ class DSPConfig:
                              f"{self.temperature} and {self.final_temperature}")
         if self.harden_at is not None and self.harden_at < 0:
             raise ValueError(f"harden_at must be >= 0, got {self.harden_at}")
+        if self.shrink < 0:
+            raise ValueError(f"shrink must be >= 0, got {self.shrink}")
         if self.allocation not in ("global", "layer", "group"):
             raise ValueError(f"allocation must be 'global', 'layer' or 'group', got {self.allocation!r}")
         if self.mode not in ("split", "grouped", "auto"):

@@ -75,6 +75,7 @@ class DSP(CompressionMethod):
         self.total_flops = 0
         self.step = 0
         self.hardened = False
+        self.selected = False
         self.assignments: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.beta: float | None = None
@@ -151,9 +152,9 @@ class DSP(CompressionMethod):
 
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """``penalty(t) * R``: the membership-weighted group lasso over (group, input channel)
-        blocks, differentiable in the weights and the logits; ``None`` once hardened."""
+        blocks, differentiable in the weights and the logits; ``None`` once the blocks are chosen."""
         self._require_prepared()
-        if self.hardened or self.config.penalty == 0:
+        if self.selected or self.config.penalty == 0:
             return None
         temperature, weight = self.temperature, self.penalty_weight
         total = None
@@ -165,14 +166,23 @@ class DSP(CompressionMethod):
         return weight * total
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        """``step``: optimizer steps completed (the trainer's ``global_step``). Hardens at
-        ``harden_step``, then keeps the pruned blocks at exactly zero."""
+        """``step``: optimizer steps completed (the trainer's ``global_step``). Chooses the blocks
+        at ``select_step``, shrinks them linearly to zero until ``harden_step`` (when ``shrink`` is
+        set), then keeps them at exactly zero."""
         self._require_prepared()
         self.step = int(step)
-        if not self.hardened and self.step >= self.harden_step:
-            self.harden(model)
-        elif self.hardened:
+        if self.hardened:
             apply_masks(self.layers, self.masks)
+            return
+        if not self.selected and self.step >= self.select_step:
+            self.select(model)
+        if self.selected:
+            if self.step >= self.harden_step:
+                self.harden(model)
+            else:
+                # x <- x * (1 - 1/remaining): the chosen blocks reach exactly zero at harden_step.
+                remaining = self.harden_step - self.step + 1
+                apply_masks(self.layers, self.masks, fill=1.0 - 1.0 / remaining)
 
     def metrics(self, model: nn.Module, groups: ZeroInvariantGroups | None = None) -> dict[str, float]:
         """Temperature, penalty weight, how hard the assignments are, groups in use per layer and
@@ -187,8 +197,9 @@ class DSP(CompressionMethod):
                 confidence.append(float(torch.softmax(logits / self.temperature, 0).max(0).values.mean()))
         return {
             "dsp_temperature": self.temperature,
-            "dsp_penalty_weight": 0.0 if self.hardened else self.penalty_weight,
+            "dsp_penalty_weight": 0.0 if self.selected else self.penalty_weight,
             "dsp_hardened": float(self.hardened),
+            "dsp_selected": float(self.selected),
             "dsp_groups_used": sum(used) / len(used),
             "dsp_assignment_confidence": sum(confidence) / len(confidence),
             "dsp_flops_reduction": self.flops_reduction(model),
@@ -220,6 +231,7 @@ class DSP(CompressionMethod):
             "config": self.config.to_dict(),
             "step": self.step,
             "hardened": self.hardened,
+            "selected": self.selected,
             "assignments": {p: a.tolist() for p, a in self.assignments.items()},
             "blocks": blocks,
             "beta": self.beta,
@@ -240,7 +252,8 @@ class DSP(CompressionMethod):
             device = next(iter(self.layers.values())).weight.device
             self._noise(device).set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.hardened = bool(state["hardened"])
-        if self.hardened:
+        self.selected = bool(state.get("selected", self.hardened))
+        if self.selected:
             self.assignments, self.masks = {}, {}
             for p, a in state["assignments"].items():
                 device = self.layers[p].weight.device
@@ -275,16 +288,27 @@ class DSP(CompressionMethod):
         return max(1, int(round(at * self.total_steps)))
 
     @property
+    def select_step(self) -> int:
+        """The step after which assignments are hard and the pruned blocks chosen: ``harden_step``
+        less the ``shrink`` window."""
+        window = self.config.shrink
+        if 0 < window < 1:
+            if not self.total_steps:
+                raise ValueError("a fractional shrink window needs the number of training steps (total_steps)")
+            window = int(round(window * self.total_steps))
+        return max(1, self.harden_step - int(window))
+
+    @property
     def temperature(self) -> float:
         t0, t1 = self.config.temperature, self.config.final_temperature
-        progress = min(1.0, self.step / max(1, self.harden_step))
+        progress = min(1.0, self.step / max(1, self.select_step))
         return t0 * (t1 / t0) ** progress
 
     @property
     def penalty_weight(self) -> float:
         if not self.config.penalty_warmup:
             return self.config.penalty
-        return self.config.penalty * min(1.0, (self.step + 1) / max(1, self.harden_step))
+        return self.config.penalty * min(1.0, (self.step + 1) / max(1, self.select_step))
 
     @property
     def dsp_flops_share(self) -> float:
@@ -293,8 +317,17 @@ class DSP(CompressionMethod):
 
     # -- steps -------------------------------------------------------------------------------
     def harden(self, model: nn.Module) -> None:
-        """Fix every filter's group (argmax of its logits), zero the weakest (group, input channel)
-        blocks to reach the FLOPs target, and stop training the logits."""
+        """Choose the blocks if not done yet (:meth:`select`) and set them to exactly zero; from
+        now on they stay zero."""
+        if not self.selected:
+            self.select(model)
+        apply_masks(self.layers, self.masks)
+        self.hardened = True
+        self.hardened_step = self.step
+
+    def select(self, model: nn.Module) -> None:
+        """Fix every filter's group (argmax of its logits), choose the weakest (group, input
+        channel) blocks that reach the FLOPs target, and stop training the logits."""
         self._require_prepared()
         target = self.target
         if target is None:
@@ -305,12 +338,10 @@ class DSP(CompressionMethod):
         self.masks, self.beta, self.reached = choose_blocks(energies, self.assignments, self.config.max_groups,
                                                             self.costs, self.total_flops, target,
                                                             self.config.allocation)
-        apply_masks(self.layers, self.masks)
         for m in self.layers.values():
             m._parameters[LOGITS].requires_grad_(False)
             m._parameters[LOGITS].grad = None
-        self.hardened = True
-        self.hardened_step = self.step
+        self.selected = True
 
     def flops_reduction(self, model: nn.Module | None = None) -> float:
         """FLOPs reduction of the current structure: hard assignments (argmax before hardening)
@@ -320,7 +351,7 @@ class DSP(CompressionMethod):
         removed = 0
         with torch.no_grad():
             for p, m in self.layers.items():
-                a = self.assignments.get(p) if self.hardened else hard_assignment(m._parameters[LOGITS])
+                a = self.assignments.get(p) if self.selected else hard_assignment(m._parameters[LOGITS])
                 removed += self.costs[p].dense_macs - structure_macs(m.weight, a, self.costs[p])
         return 2 * removed / self.total_flops
 

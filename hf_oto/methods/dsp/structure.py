@@ -312,12 +312,13 @@ def max_reduction(costs: dict[str, LayerCost], total_flops: int) -> float:
     return 2 * removable / total_flops if total_flops else 0.0
 
 
-def apply_masks(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned (filter, input channel) blocks in place."""
+def apply_masks(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor], fill: float = 0.0) -> None:
+    """Multiply the pruned (filter, input channel) blocks by ``fill`` (0: zero them) in place."""
     with torch.no_grad():
         for p, m in modules.items():
             mask = masks.get(p)
             if mask is None:
                 continue
             w = m.weight
-            w.mul_(mask.to(w.dtype).view(*mask.shape, *([1] * (w.dim() - 2))))
+            scale = mask.to(w.dtype) if fill == 0.0 else torch.where(mask, 1.0, fill).to(w.dtype)
+            w.mul_(scale.view(*mask.shape, *([1] * (w.dim() - 2))))
