@@ -9,7 +9,8 @@ then pruned two ways from the same dense weights with the same schedule:
   conv's filters removed, smallest L2 norms first, with ``hf_oto.compress(model, groups,
   remove=...)`` (q bisected to the FLOPs DSP reached), and the compressed model fine-tuned for the
   remaining steps.
-* DSP with penalty 0 (ablation): random groups, block magnitude pruning, same schedule.
+* Ablations: DSP with penalty 0 (random groups, block magnitude pruning, same schedule) and DSP
+  with the authors' global allocation rule (``allocation="global"``).
 
 Latencies are medians of interleaved rounds in one process (the ratios are what to read: the
 machine is shared). ``dsp split`` runs one dense kernel per group; ``dsp grouped`` one grouped
@@ -165,10 +166,10 @@ def uniform_channel_mask(model: nn.Module, groups, fraction: float) -> torch.Ten
     return remove
 
 
-def run_dsp(dense, train_set, example, args, penalty: float):
+def run_dsp(dense, train_set, example, args, penalty: float, allocation: str):
     model = copy.deepcopy(dense)
     groups = find_groups(model, example)
-    method = DSP(max_groups=args.groups, flops_reduction=args.target, penalty=penalty)
+    method = DSP(max_groups=args.groups, flops_reduction=args.target, penalty=penalty, allocation=allocation)
     method.prepare(model, groups)
     opt = method.create_optimizer(model, groups, TrainingSettings(learning_rate=1e-3, total_steps=args.steps))
     train(model, train_set, args.steps, opt, method=method, seed=1)
@@ -183,7 +184,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.7, help="FLOPs reduction")
     parser.add_argument("--groups", type=int, default=4, help="DSP max_groups")
     parser.add_argument("--penalty", type=float, default=3e-3)
-    parser.add_argument("--no-ablation", action="store_true", help="skip DSP without the penalty")
+    parser.add_argument("--allocation", default="layer", help="DSP allocation (see DSPConfig)")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip DSP without the penalty and DSP with the authors' global allocation")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one is steadiest on a shared machine)")
     parser.add_argument("--latency-sizes", type=int, nargs="*", default=[16, 64], help="image sizes timed")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 32], help="batch sizes timed")
@@ -207,15 +210,18 @@ def main() -> None:
     rows = {"dense": (dense, dense_flops)}
     learn = int(round(0.6 * args.steps))
 
-    dsp_model, groups, method, dsp_split = run_dsp(dense, train_set, example, args, args.penalty)
+    dsp_model, groups, method, dsp_split = run_dsp(dense, train_set, example, args, args.penalty, args.allocation)
     exact = max_relative_difference(_run(dsp_model, test_set[0][:64]), _run(dsp_split, test_set[0][:64]))
     dsp_grouped = convert(dsp_model, method.assignments, groups=groups, mode="grouped")
     dsp_nofold = convert(dsp_model, method.assignments, groups=groups, mode="split", fold=False)
     dsp_flops = flops(dsp_split, example[0])
     rows["dsp"] = (dsp_split, dsp_flops)
     if not args.no_ablation:
-        *_, plain = run_dsp(dense, train_set, example, args, 0.0)
+        *_, plain = run_dsp(dense, train_set, example, args, 0.0, args.allocation)
         rows["dsp, penalty 0"] = (plain, flops(plain, example[0]))
+        if args.allocation != "global":
+            *_, authors = run_dsp(dense, train_set, example, args, args.penalty, "global")
+            rows["dsp, global alloc."] = (authors, flops(authors, example[0]))
 
     # Channel pruning to the same FLOPs, same schedule.
     chan = copy.deepcopy(dense)

@@ -34,10 +34,10 @@ class DSPConfig:
             the chosen blocks shrink linearly to zero while the rest trains (HESSO-style), instead
             of being cut at once (0, the authors' one-shot pruning). Assignments become hard and
             the blocks are chosen when the window opens.
-        allocation: how the FLOPs target is spread when hardening: ``"global"`` (one threshold
-            on each layer's cumulative energy share, as the authors do), ``"layer"`` (every layer
-            loses the same fraction of its multiply-adds) or ``"group"`` (every filter group keeps
-            the same fraction of its input channels).
+        allocation: how the FLOPs target is spread when hardening: ``"layer"`` (every layer
+            loses the same fraction of its multiply-adds; the default, best in ``bench/dsp.py``),
+            ``"global"`` (one threshold on each layer's cumulative energy share, the authors' rule)
+            or ``"group"`` (every filter group keeps the same fraction of its input channels).
         include / exclude: regular expressions over module paths (``re.search``); ``include=None``
             takes every eligible layer. A layer named by an ``include`` pattern that is an exact
             path must be eligible, otherwise :class:`ValueError` says why.
@@ -67,7 +67,7 @@ class DSPConfig:
     assignment_lr: float = 0.02
     harden_at: float | None = None
     shrink: float = 0.0
-    allocation: str = "global"
+    allocation: str = "layer"
     total_steps: int = 0
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)

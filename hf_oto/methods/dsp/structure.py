@@ -23,9 +23,11 @@ and what we do differently:
   filters are pulled toward the group whose strong input channels match theirs.
 * Their pruning step (``PruneWrapper``) hardens assignments by argmax, ranks each group's input
   channels by their share of the layer's energy, removes channels whose cumulative share stays
-  under a threshold beta shared by all layers, and bisects beta to hit the FLOPs target. We do the
-  same with blocks sorted by energy per filter, and count FLOPs with the model's real FLOPs (every
-  op, from ``torch.utils.flop_counter``) so the target is a fraction of the whole model.
+  under a threshold beta shared by all layers, and bisects beta to hit the FLOPs target. That is
+  our ``allocation="global"`` (blocks sorted by energy per filter); the default ``"layer"`` makes
+  every layer lose the same fraction of its multiply-adds, which kept more accuracy in
+  ``bench/dsp.py``. FLOPs are the model's real FLOPs (every op, from ``torch.utils.flop_counter``),
+  so the target is a fraction of the whole model.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def _kept_macs(r: _Ranked, count: int) -> int:
 
 def choose_blocks(energies: dict[str, torch.Tensor], assignments: dict[str, torch.Tensor], groups: int,
                   costs: dict[str, LayerCost], total_flops: int, flops_reduction: float,
-                  allocation: str = "global") -> tuple[dict[str, torch.Tensor], float, float]:
+                  allocation: str = "layer") -> tuple[dict[str, torch.Tensor], float, float]:
     """Masks (filters x inputs, bool) that keep the blocks reaching ``flops_reduction`` of the
     model's FLOPs, the knob found, and the reduction reached.
 
