@@ -153,3 +153,16 @@ def test_bad_layer_specs_fail_clearly():
         DSPLinear(in_features=4, out_features=4, in_sizes=[2, 2], out_sizes=[3, 3])
     with pytest.raises(ValueError, match="one group id per filter"):
         plan_layer("l", torch.ones(4, 3), torch.zeros(5, dtype=torch.long))
+
+
+def test_auto_mode_picks_grouped_only_when_padding_is_cheap():
+    layer = nn.Conv2d(8, 8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.kron(torch.eye(2), torch.ones(4, 4)).view(8, 8, 1, 1))  # two equal blocks
+    balanced = plan_layer("c", layer.weight, torch.tensor([0] * 4 + [1] * 4))
+    assert build_layer(layer, balanced, "auto")[1] == "grouped"
+    with torch.no_grad():
+        layer.weight[4:, 4:6] = 0  # the second group now reads 2 channels: padding would cost 33%
+    uneven = plan_layer("c", layer.weight, torch.tensor([0] * 4 + [1] * 4))
+    assert build_layer(layer, uneven, "auto")[1] == "split"
+    assert build_layer(layer, uneven, "auto", grouped_padding=0.5)[1] == "grouped"

@@ -83,7 +83,6 @@ class ConversionEntry:
     note: str = ""
     macs_fraction: float = 1.0  # executed multiply-adds of the new layer / the dense layer's
     replaced: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
