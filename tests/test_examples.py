@@ -159,18 +159,19 @@ def _image_folder(root):
 
 
 @pytest.mark.skipif(not HAS_PIL, reason="Pillow is not installed")
-@pytest.mark.parametrize("model_type", ["resnet", "vit"])
-def test_run_vision_end_to_end_on_an_image_folder(model_type, tmp_path):
+@pytest.mark.parametrize("model_type, method", [("resnet", "hesso"), ("vit", "dhspg"), ("resnet", "dsp")])
+def test_run_vision_end_to_end_on_an_image_folder(model_type, method, tmp_path):
     _image_folder(tmp_path / "images")
     out = tmp_path / "out"
     result = _script(os.path.join(VISION, "run_vision.py"), "--train_dir", str(tmp_path / "images" / "train"),
                      "--validation_dir", str(tmp_path / "images" / "val"), "--model_type", model_type,
                      "--image_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "12",
                      "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
-                     "--target_group_sparsity", "0.3", "--output_dir", str(out), cwd=tmp_path)
+                     "--target_group_sparsity", "0.3", "--oto_method", method, "--output_dir", str(out),
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["params"][1] < results["params"][0]
+    assert results["params"][1] < results["params"][0] and results["flops"][1] < results["flops"][0]
     assert results["metrics"]["sparse"]["accuracy"] == results["metrics"]["compressed"]["accuracy"]
     assert "accuracy (trained)" in result.stdout
 
