@@ -1,0 +1,536 @@
+"""Shared machinery of the group-sparsity optimizers: base steps, group state, schedule, checks.
+
+Every optimizer here is a ``torch.optim.Optimizer`` over all trainable parameters of a model. A step
+has three parts:
+
+1. **Base step** (:meth:`GroupSparseOptimizer._prepare` and ``_apply``): plain SGD (momentum,
+   Nesterov), Adam or AdamW over every parameter, vectorised with ``torch._foreach_*`` per param
+   group, with the same arithmetic as ``torch.optim.SGD/Adam/AdamW(foreach=True)``. Parameters in no
+   group only ever get this step.
+2. **Group plan** (``_plan``, one per method): from the parameters ``x`` and the base-step direction
+   ``d`` (the SGD momentum direction, or Adam's ``m_hat / (sqrt(v_hat) + eps)``), per-group scalars
+   (``||x_g||^2``, ``<x_g, d_g>``, ...) are computed with one row reduction per parameter slice, and
+   the method decides per group: a penalty coefficient, a shrink factor, a projection to zero.
+3. **Group corrections**: penalties and shrinks are index-based multiplies on the positions of the
+   groups concerned; projections are ``index_fill_`` (exact zeros) on the parameters and on their
+   optimizer state.
+
+Once projected, a group is *frozen*: at the start of every later step its gradient entries are set
+to zero in place (``p.grad.index_fill_``), and its momentum / Adam moments were zeroed when it was
+projected, so every base-step variant leaves it at exactly zero with no extra pass over the weights.
+
+Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
+replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
+optimizers (DeepSpeed ZeRO, FSDP) are **not** supported: a group's norm would span ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..groups import ZeroInvariantGroups
+from ._index import Positions, PrunableIndex
+
+VARIANTS = ("sgd", "adam", "adamw")
+_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+#: Phases reported by ``metrics()["phase"]``.
+PHASES = {"warmup": 0.0, "pruning": 1.0, "finished": 2.0}
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    bad_low = low is not None and (v <= low if low_open else v < low)
+    bad_high = high is not None and (v >= high if high_open else v > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        rng = f"in {lo or '(-inf'}, {hi or 'inf)'}"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: Any, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer number of optimizer steps, got {value!r}")
+    if int(value) < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / ``torch.compile`` wrappers (the one ``find_groups`` names from)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# -- the per-step plan a method returns ------------------------------------------------------------
+
+@dataclass
+class StepPlan:
+    """What a method does to its groups during one step (all vectors over all groups).
+
+    ``penalty[g] = c`` adds ``-lr * c * x_g`` to the step of group g (``x`` before the step), i.e. a
+    group-lasso (sub)gradient ``lambda_g * x_g / ||x_g||`` with ``c = lambda_g / ||x_g||``. It acts on
+    the positions ``penalized``. ``shrink`` multiplies the groups at ``shrunk`` after the step.
+    ``project`` sets groups to exactly zero after the step and freezes them.
+    """
+
+    penalty: torch.Tensor | None = None
+    penalized: Positions | None = None
+    shrink: torch.Tensor | None = None
+    shrunk: Positions | None = None
+    project: torch.Tensor | None = None
+
+
+@dataclass
+class _Work:
+    """One param group's base step, computed but not yet applied."""
+
+    params: list[torch.Tensor]
+    lr: float
+    decay: float                       # decoupled (AdamW) weight decay, 0 otherwise
+    direction: list[torch.Tensor] | None = None   # SGD: the update direction
+    exp_avgs: list[torch.Tensor] | None = None     # Adam: numerator ...
+    denom: list[torch.Tensor] | None = None        # ... and denominator of the update
+    step_size: list[float] | None = None
+
+
+class GroupSparseOptimizer(torch.optim.Optimizer):
+    """Base class of :class:`HSPG`, :class:`DHSPG` and :class:`HESSO` (not used directly).
+
+    Args:
+        model: the model whose trainable parameters are optimized (DDP/compile wrappers are unwrapped).
+        groups: its zero-invariant groups, from :func:`hf_oto.find_groups` on this model.
+        variant: base optimizer, ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr, weight_decay: as in ``torch.optim``; weight decay is L2 (added to the gradient) for
+            ``sgd``/``adam`` and decoupled for ``adamw``.
+        momentum, nesterov: SGD only, as ``torch.optim.SGD``.
+        betas, eps: Adam/AdamW only, as ``torch.optim.Adam``.
+        param_groups: optional list of param group dicts over the model's parameters (for example
+            no weight decay on biases and norms, as ``transformers.Trainer`` does); trainable
+            parameters left out are added in one more group with the defaults.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw",
+                 lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 param_groups: Iterable[dict[str, Any]] | None = None,
+                 extra_defaults: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(groups, ZeroInvariantGroups):
+            raise ValueError(f"groups must be the ZeroInvariantGroups of the model (hf_oto.find_groups), "
+                             f"got {type(groups).__name__}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        check_number("lr", lr, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        if variant != "sgd" and momentum:
+            raise ValueError("momentum applies to variant='sgd' only; adam/adamw use betas")
+        if nesterov and (variant != "sgd" or momentum <= 0):
+            raise ValueError("nesterov needs variant='sgd' and momentum > 0")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers, got {betas!r}")
+        for i, b in enumerate(betas):
+            check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        check_number("eps", eps, low=0.0)
+
+        model = unwrap_model(model)
+        groups.check_model(model)  # ValueError: "these groups were built for another model ..."
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        pgs = self._param_groups(model, trainable, param_groups)
+
+        defaults = dict(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
+                        nesterov=bool(nesterov), betas=(float(betas[0]), float(betas[1])), eps=float(eps))
+        defaults.update(extra_defaults or {})
+        super().__init__(pgs, defaults)
+        for g in self.param_groups:
+            check_number("lr (param group)", g["lr"], low=0.0)
+            check_number("weight_decay (param group)", g["weight_decay"], low=0.0)
+
+        self.variant = variant
+        self.groups = groups
+        named = dict(model.named_parameters(remove_duplicate=False))
+        self._gparams: list[torch.Tensor] = [named[n] for n in groups.param_names]
+        self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
+        self.device = self._gparams[0].device if self._gparams else trainable[0].device
+        self._index = PrunableIndex(groups, self._gparams, self.device)
+        self._prunable = groups.prunable_mask.to(self.device)
+        self.num_prunable = int(self._prunable.sum())
+        n = len(groups)
+        #: Everything a resumed run needs beyond torch's per-parameter state (see ``state_dict``).
+        self._oto: dict[str, Any] = {
+            "step": 0,
+            "committed": torch.zeros(n, dtype=torch.bool, device=self.device),  # frozen at zero
+            "active": torch.zeros(n, dtype=torch.bool, device=self.device),     # redundant, in progress
+        }
+        self._positions_cache: dict[str, tuple[torch.Tensor, Positions]] = {}
+
+    @staticmethod
+    def _param_groups(model: nn.Module, trainable: list[torch.Tensor],
+                      param_groups: Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        if param_groups is None:
+            return [{"params": trainable}]
+        known = {id(p) for p in model.parameters()}
+        pgs, listed = [], set()
+        for g in param_groups:
+            if not isinstance(g, dict) or "params" not in g:
+                raise ValueError("param_groups must be dicts with a 'params' entry")
+            g = dict(g)
+            g["params"] = [p for p in g["params"]]
+            for p in g["params"]:
+                if id(p) not in known:
+                    raise ValueError("param_groups holds a parameter that is not the model's")
+                listed.add(id(p))
+            pgs.append(g)
+        rest = [p for p in trainable if id(p) not in listed]
+        if rest:
+            pgs.append({"params": rest})
+        return [g for g in pgs if g["params"]]
+
+    # -- the schedule (methods override) -------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far (the clock of the pruning schedule, not the lr)."""
+        return self._oto["step"]
+
+    def phase(self) -> str:
+        """``"warmup"``, ``"pruning"`` or ``"finished"`` for the *next* step."""
+        raise NotImplementedError
+
+    @property
+    def pruning_finished(self) -> bool:
+        """True once no group will be projected any more (the zero set is final)."""
+        return self.phase() == "finished"
+
+    @property
+    def target_num_zero_groups(self) -> int:
+        raise NotImplementedError
+
+    # -- reporting -----------------------------------------------------------------------------
+    def zero_groups(self) -> torch.Tensor:
+        """Bool over all groups: every parameter entry of the group is exactly zero."""
+        with torch.no_grad():
+            return self.groups.zero_mask(self._gparams).cpu()
+
+    def redundant_groups(self) -> torch.Tensor:
+        """Bool over all groups: the groups chosen for removal so far (frozen or in progress)."""
+        return (self._oto["committed"] | self._oto["active"]).cpu()
+
+    def group_sparsity(self) -> float:
+        """Fraction of the prunable groups whose parameters are all exactly zero."""
+        if self.num_prunable == 0:
+            return 0.0
+        return float((self.zero_groups() & self._prunable.cpu()).sum()) / self.num_prunable
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging: sparsity, counts, target and phase (0 warm-up, 1 pruning, 2 done)."""
+        zero = self.zero_groups() & self._prunable.cpu()
+        return {
+            "group_sparsity": float(zero.sum()) / max(self.num_prunable, 1),
+            "num_zero_groups": float(zero.sum()),
+            "num_prunable_groups": float(self.num_prunable),
+            "target_group_sparsity": float(self.target_group_sparsity or 0.0),
+            "target_num_zero_groups": float(self.target_num_zero_groups),
+            "num_redundant_groups": float(self.redundant_groups().sum()),
+            "phase": PHASES[self.phase()],
+            "step": float(self.step_count),
+        }
+
+    # -- state ---------------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        """Schedule settings saved with the state (a resumed run must follow the same schedule)."""
+        return {}
+
+    def _set_config(self, config: dict[str, Any]) -> None:
+        for k, v in config.items():
+            setattr(self, k, v)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus an ``"oto"`` entry: step counter, frozen and redundant
+        groups, method state (lambdas, counters) and the schedule. Plain tensors and numbers only,
+        so ``torch.load(weights_only=True)`` (what ``transformers.Trainer`` uses) reads it."""
+        sd = super().state_dict()
+        oto = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self._oto.items()}
+        sd["oto"] = {"method": self.method, "variant": self.variant, "num_groups": len(self.groups),
+                     "config": self._config(), "state": oto}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        oto = state_dict.pop("oto", None)
+        if oto is None:
+            raise ValueError("this optimizer state has no 'oto' entry: it was not saved by an hf_oto optimizer")
+        if oto["method"] != self.method or oto["variant"] != self.variant:
+            raise ValueError(f"the state was saved by {oto['method']}/{oto['variant']}, "
+                             f"this optimizer is {self.method}/{self.variant}")
+        if oto["num_groups"] != len(self.groups):
+            raise ValueError(f"the state has {oto['num_groups']} groups, these groups have {len(self.groups)}")
+        super().load_state_dict(state_dict)
+        if oto["config"] != self._config():
+            warnings.warn(f"{self.method}: resuming with the saved schedule {oto['config']} instead of "
+                          f"{self._config()}", stacklevel=2)
+            self._set_config(oto["config"])
+        for k, v in oto["state"].items():
+            self._oto[k] = v.to(self.device) if isinstance(v, torch.Tensor) else v
+        self._positions_cache.clear()
+
+    # -- the step ------------------------------------------------------------------------------
+    def _positions(self, key: str, mask: torch.Tensor) -> Positions:
+        """Positions of ``mask``, cached while the mask is unchanged (masks change rarely)."""
+        hit = self._positions_cache.get(key)
+        if hit is not None and torch.equal(hit[0], mask):
+            return hit[1]
+        where = self._index.positions(mask)
+        self._positions_cache[key] = (mask.clone(), where)
+        return where
+
+    def _needs_direction(self) -> bool:
+        """Whether this step's plan reads the base-step direction ``d`` (costs a temporary)."""
+        return False
+
+    def _plan(self, x: list[torch.Tensor], d: list[torch.Tensor | None]) -> StepPlan | None:
+        """The method's decisions for this step (before any parameter moves)."""
+        return None
+
+    def _after_step(self) -> None:
+        """Hook after the step is applied and projections are done (HSPG's proximal operator)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch signature
+        """One optimizer step: base step on every parameter, plus the method's group updates."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        committed = self._oto["committed"]
+        if committed.any():
+            # Frozen groups: masking the gradient keeps momentum/moments at zero, so every variant
+            # leaves these entries exactly zero (decoupled or L2 decay of zero is zero).
+            PrunableIndex.fill_([p.grad for p in self._gparams], self._positions("committed", committed))
+        need_dir = self._needs_direction()
+        works, d = self._prepare(need_dir)
+        plan = self._plan(self._gparams, d)
+        self._apply(works, plan)
+        if plan is not None and plan.project is not None and plan.project.any():
+            self._project(plan.project)
+        self._oto["step"] += 1
+        self._after_step()
+        return loss
+
+    def _prepare(self, need_dir: bool) -> tuple[list[_Work], list[torch.Tensor | None]]:
+        """Update momenta/moments of every parameter with a gradient; return the pending updates
+        and, if ``need_dir``, the update direction of each grouped parameter (None: no gradient)."""
+        d: list[torch.Tensor | None] = [None] * len(self._gparams)
+        works: list[_Work] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            lr, wd = group["lr"], group["weight_decay"]
+            sub = [j for j, p in enumerate(params) if id(p) in self._gpos] if need_dir else []
+            if self.variant == "sgd":
+                if wd != 0:
+                    grads = torch._foreach_add(grads, params, alpha=wd)
+                mu = group["momentum"]
+                if mu != 0:
+                    bufs, fresh = [], []
+                    for p, g in zip(params, grads):
+                        st = self.state[p]
+                        if "momentum_buffer" not in st:
+                            st["momentum_buffer"] = torch.clone(g).detach()
+                            fresh.append(True)
+                        else:
+                            fresh.append(False)
+                        bufs.append(st["momentum_buffer"])
+                    old = [j for j, f in enumerate(fresh) if not f]
+                    if old:
+                        ob = [bufs[j] for j in old]
+                        torch._foreach_mul_(ob, mu)
+                        torch._foreach_add_(ob, [grads[j] for j in old])
+                    direction = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+                else:
+                    direction = grads
+                works.append(_Work(params, lr, 0.0, direction=list(direction)))
+                for j in sub:
+                    d[self._gpos[id(params[j])]] = direction[j]
+            else:
+                b1, b2 = group["betas"]
+                exp_avgs, exp_avg_sqs, steps = [], [], []
+                for p in params:
+                    st = self.state[p]
+                    if "step" not in st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    exp_avgs.append(st["exp_avg"])
+                    exp_avg_sqs.append(st["exp_avg_sq"])
+                    steps.append(st["step"])
+                torch._foreach_add_(steps, 1.0)
+                decay = 0.0
+                if wd != 0:
+                    if self.variant == "adamw":
+                        decay = wd
+                    else:
+                        grads = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+                torch._foreach_mul_(exp_avg_sqs, b2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
+                bc1 = [1 - b1 ** s.item() for s in steps]
+                bc2_sqrt = [(1 - b2 ** s.item()) ** 0.5 for s in steps]
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denom, bc2_sqrt)
+                torch._foreach_add_(denom, group["eps"])
+                works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom,
+                                   step_size=[-(lr / b) for b in bc1]))
+                if sub:
+                    dirs = torch._foreach_div([exp_avgs[j] for j in sub], [denom[j] for j in sub])
+                    torch._foreach_div_(dirs, [bc1[j] for j in sub])
+                    for j, t in zip(sub, dirs):
+                        d[self._gpos[id(params[j])]] = t
+        return works, d
+
+    def step_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per grouped parameter: its learning rate and its decoupled weight decay this step
+        (zeros for parameters without a gradient, which do not move)."""
+        lr = torch.zeros(len(self._gparams), dtype=torch.float64)
+        decay = torch.zeros(len(self._gparams), dtype=torch.float64)
+        for group in self.param_groups:
+            for p in group["params"]:
+                i = self._gpos.get(id(p))
+                if i is not None and p.grad is not None:
+                    lr[i] = group["lr"]
+                    decay[i] = group["weight_decay"] if self.variant == "adamw" else 0.0
+        return lr, decay
+
+    def _apply(self, works: list[_Work], plan: StepPlan | None) -> None:
+        for w in works:
+            if w.decay != 0:
+                torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
+        if plan is not None and plan.penalty is not None and plan.penalized:
+            # x <- x - lr*c*x_old, applied after the decoupled decay x <- (1 - lr*wd) x_old:
+            # multiply by 1 - lr*c/(1 - lr*wd) so the sum is exact.
+            lr, decay = self.step_weights()
+            for i, dim, idx, grp in plan.penalized.slices:
+                p = self._gparams[i]
+                if lr[i] == 0:
+                    continue
+                keep = 1.0 - float(lr[i] * decay[i])
+                f = 1.0 - (float(lr[i]) / max(keep, 1e-12)) * plan.penalty.to(p.device)[grp]
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                p.index_copy_(dim, idx, p.index_select(dim, idx) * f.to(p.dtype).view(shape))
+        for w in works:
+            if w.direction is not None:
+                torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
+            else:
+                torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
+        if plan is not None and plan.shrink is not None and plan.shrunk:
+            PrunableIndex.scale_(self._gparams, plan.shrunk, plan.shrink)
+
+    def _project(self, mask: torch.Tensor) -> None:
+        """Set the groups in ``mask`` to exactly zero, with their optimizer state, and freeze them."""
+        mask = mask & self._prunable  # only prunable groups may ever be projected
+        where = self._index.positions(mask)
+        PrunableIndex.fill_(self._gparams, where)
+        for key in _STATE_KEYS:
+            PrunableIndex.fill_([self.state[p].get(key) if p in self.state else None for p in self._gparams], where)
+        self._oto["committed"] = self._oto["committed"] | mask
+        self._oto["active"] = self._oto["active"] & ~mask
+
+    # -- helpers for the methods ---------------------------------------------------------------
+    def _group_scalars(self, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None],
+                       with_dd: bool = False) -> dict[str, torch.Tensor]:
+        """Per-group sums the half-space and saliency rules need (float32 over all groups).
+
+        ``xx``: ||x_g||^2; ``xd``: <x_g, d_g>; ``dd``: ||d_g||^2; ``trial``: <y_g, x_g> where
+        y = x - lr*(d + decoupled decay) is the base step without penalty; ``lr_xx``: sum over the
+        group's tensors of lr_p * ||x_pg||^2 (the penalty's contribution to <y, x> is
+        -c_g * lr_xx).
+        """
+        lr, decay = self.step_weights()
+        xx = self._index.sums(x, None, torch.stack([torch.ones_like(lr), 1 - lr * decay, lr]))
+        xd = self._index.sums(x, d, torch.stack([torch.ones_like(lr), lr]))
+        out = {"xx": xx[0], "lr_xx": xx[2], "xd": xd[0], "trial": xx[1] - xd[1]}
+        if with_dd:
+            out["dd"] = self._index.sums(d)[0]
+        return out
+
+    def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The ``count`` candidates with the lowest ``priority`` such that removing them with the
+        frozen groups leaves every layer at least one group (``compress`` could not remove them
+        all). Ties break by group index (stable sort): deterministic."""
+        blocked = torch.zeros_like(candidates)
+        while True:
+            chosen = torch.zeros_like(candidates)
+            if count <= 0:
+                return chosen
+            score = priority.float().clone()
+            score[~candidates | blocked] = float("inf")
+            order = torch.sort(score, stable=True).indices[:count]
+            chosen[order[torch.isfinite(score[order])]] = True
+            feasible = self._feasible(chosen, priority)
+            if torch.equal(feasible, chosen):
+                return chosen
+            blocked |= chosen & ~feasible  # never pick those again; the next-best fill their places
+
+    def _feasible(self, mask: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+        """``mask`` minus, in every layer it would empty together with the frozen groups, its
+        member of highest ``priority`` (repeated until no layer is emptied)."""
+        mask = mask.clone()
+        while True:
+            emptied = self._index.emptied(mask | self._oto["committed"])
+            if not emptied.any():
+                return mask
+            for k in emptied.nonzero().flatten().tolist():
+                grp = self._index.full_dims[k]
+                mine = grp[mask[grp]]
+                if mine.numel() == 0:  # emptied by frozen groups alone: nothing left to give back
+                    return mask
+                mask[mine[torch.argmax(priority[mine])]] = False
+
+
+def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[int, int, int] | None:
+    """Where ``step`` (0-based) falls in a pruning window of ``steps`` steps split into ``periods``.
+
+    Returns ``(period, t, length)``: the period index, the step's index inside it and the period's
+    length (the last period also takes the remainder of ``steps / periods``), or None outside the
+    window.
+    """
+    j = step - start
+    if j < 0 or j >= steps:
+        return None
+    base = steps // periods
+    p = min(j // base, periods - 1)
+    begin = p * base
+    length = (steps - begin) if p == periods - 1 else base
+    return p, j - begin, length
+
+
+def cumulative_targets(total: int, periods: int) -> list[int]:
+    """Zero groups to reach by the end of each period: evenly spread, the last one exactly ``total``."""
+    return [(total * (p + 1)) // periods for p in range(periods)]
