@@ -37,7 +37,7 @@ class _Slice:
 class Positions:
     """The positions of a set of groups: per slice, the positions and the group of each."""
 
-    slices: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (param, dim, positions, groups)
+    slices: list[tuple[int, int, torch.Tensor, torch.Tensor, int]]  # (param, dim, positions, groups, dim size)
 
     def __bool__(self) -> bool:
         return bool(self.slices)
@@ -84,13 +84,15 @@ class PrunableIndex:
              weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-group sums of ``a * b`` (``a * a`` when ``b`` is None) across every tensor a group spans.
 
-        ``weights`` (``[k, n_tensors]``, on CPU) weights each tensor's contribution; the result is
+        ``weights`` (``[k, n_tensors]``) weights each tensor's contribution; the result is
         ``[k, G]`` (``[1, G]`` without weights). One row reduction per slice serves all k weightings.
 
         Deterministic on every device (segment sums, no atomics): data-parallel replicas that hold
         the same parameters and gradients take the same decisions.
         """
         k = 1 if weights is None else weights.shape[0]
+        if weights is not None:
+            weights = weights.to(self.device, torch.float32)
         out = torch.zeros(k, self.num_groups, dtype=torch.float32, device=self.device)
         for s in self.slices:
             x = a[s.param]
@@ -102,8 +104,7 @@ class PrunableIndex:
             if weights is None:
                 out[0, s.segment_groups] += seg
             else:
-                w = weights[:, s.param].to(self.device, torch.float32)
-                out[:, s.segment_groups] += w[:, None] * seg[None, :]
+                out[:, s.segment_groups] += weights[:, s.param, None] * seg[None, :]
         return out
 
     # -- selections ------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class PrunableIndex:
         for s in self.slices:
             m = mask.to(s.group.device)[s.group]
             if m.any():
-                out.append((s.param, s.dim, s.index[m], s.group[m]))
+                out.append((s.param, s.dim, s.index[m], s.group[m], s.size))
         return Positions(out)
 
     def emptied(self, removed: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class PrunableIndex:
     @staticmethod
     def fill_(tensors: Sequence[torch.Tensor | None], where: Positions, value: float = 0.0) -> None:
         """Set every entry at ``where`` to ``value`` (exact: no multiply)."""
-        for i, dim, idx, _ in where.slices:
+        for i, dim, idx, _, _ in where.slices:
             t = tensors[i]
             if t is not None:
                 t.index_fill_(dim, idx, value)
@@ -134,31 +135,55 @@ class PrunableIndex:
     @staticmethod
     def scale_(tensors: Sequence[torch.Tensor | None], where: Positions, factors: torch.Tensor) -> None:
         """Multiply the entries at ``where`` by ``factors[group]`` (entries in two groups get both)."""
-        for i, dim, idx, grp in where.slices:
+        for i, dim, idx, grp, size in where.slices:
             t = tensors[i]
-            if t is None:
-                continue
-            f = factors.to(t.device)[grp].to(t.dtype)
-            shape = [1] * t.dim()
-            shape[dim] = -1
-            t.index_copy_(dim, idx, t.index_select(dim, idx) * f.view(shape))
+            if t is not None:
+                scale_positions_(t, dim, idx, factors.to(t.device)[grp], size)
+
+
+def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor, size: int,
+                     rest: float = 1.0) -> None:
+    """``t`` times ``values`` at positions ``idx`` along ``dim`` and times ``rest`` elsewhere.
+
+    A broadcast multiply over the whole tensor when many positions change (one in-place pass),
+    else gather-multiply-scatter on those positions only (rest must then be 1).
+    """
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    if rest != 1.0 or 4 * idx.numel() > size:
+        vec = torch.full((size,), rest, dtype=t.dtype, device=t.device)
+        vec[idx] = values.to(t.dtype)
+        t.mul_(vec.view(shape))
+    else:
+        t.index_copy_(dim, idx, t.index_select(dim, idx) * values.to(t.dtype).view(shape))
+
+
+#: Elements per chunk of a row reduction: products stay in cache instead of a full-size temporary
+#: (measured on CPU: 2-3x faster than one vecdot over a BERT-base FFN matrix).
+_CHUNK = 1 << 17
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, same: bool) -> torch.Tensor:
-    """For each position along ``dim``: the sum of ``a * b`` over the other dimensions, in float32.
-
-    Picks the fastest kernel per layout (measured on CPU): a norm along contiguous rows, vecdot
-    otherwise; a plain product for 1-D tensors.
-    """
+    """For each position along ``dim``: the sum of ``a * b`` over the other dimensions, in float32."""
     if a.dim() == 1:
-        return (a.float() * b.float()) if not same else a.float().square()
-    a2 = a.movedim(dim, 0).reshape(a.shape[dim], -1) if dim != 0 else a.reshape(a.shape[0], -1)
-    if same and dim == 0:
-        return torch.linalg.vector_norm(a2, 2, dim=1, dtype=torch.float32).square()
+        return a.float().square() if same else a.float() * b.float()
     if dim == 0:
+        a2 = a.reshape(a.shape[0], -1)
+        if same:  # a norm along contiguous rows needs no temporary
+            return torch.linalg.vector_norm(a2, 2, dim=1, dtype=torch.float32).square()
         b2 = b.reshape(b.shape[0], -1)
-        return torch.linalg.vecdot(a2.float(), b2.float(), dim=1)
-    if a.dim() == 2:  # columns: vecdot down dim 0 avoids a transposed copy
-        return torch.linalg.vecdot(a.float(), (a if same else b).float(), dim=0)
-    b2 = a2 if same else b.movedim(dim, 0).reshape(b.shape[dim], -1)
-    return torch.linalg.vecdot(a2.float(), b2.float(), dim=1)
+        rows = max(1, _CHUNK // max(a2.shape[1], 1))
+        if rows >= a2.shape[0]:
+            return torch.linalg.vecdot(a2.float(), b2.float(), dim=1)
+        return torch.cat([torch.linalg.vecdot(a2[r:r + rows].float(), b2[r:r + rows].float(), dim=1)
+                          for r in range(0, a2.shape[0], rows)])
+    # Any other dim: accumulate over chunks of the leading dimension.
+    b = a if same else b
+    other = [d for d in range(a.dim()) if d != dim]
+    inner = max(a[0].numel(), 1)
+    rows = max(1, _CHUNK // inner)
+    out = torch.zeros(a.shape[dim], dtype=torch.float32, device=a.device)
+    for r in range(0, a.shape[0], rows):
+        x, y = a[r:r + rows].float(), b[r:r + rows].float()
+        out += (x * y).sum(dim=other)
+    return out

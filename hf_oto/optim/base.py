@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from ._index import Positions, PrunableIndex
+from ._index import Positions, PrunableIndex, scale_positions_
 
 VARIANTS = ("sgd", "adam", "adamw")
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
@@ -105,7 +105,8 @@ class _Work:
     params: list[torch.Tensor]
     lr: float
     decay: float                       # decoupled (AdamW) weight decay, 0 otherwise
-    direction: list[torch.Tensor] | None = None   # SGD: the update direction
+    direction: list[torch.Tensor] | None = None   # the update is -alpha * direction ...
+    alpha: float = 0.0
     exp_avgs: list[torch.Tensor] | None = None     # Adam: numerator ...
     denom: list[torch.Tensor] | None = None        # ... and denominator of the update
     step_size: list[float] | None = None
@@ -238,18 +239,21 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         """Bool over all groups: the groups chosen for removal so far (frozen or in progress)."""
         return (self._oto["committed"] | self._oto["active"]).cpu()
 
+    def _prunable_zero(self) -> torch.Tensor:
+        """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
+        with torch.no_grad():
+            return ((self._index.sums(self._gparams)[0] == 0) & self._prunable).cpu()
+
     def group_sparsity(self) -> float:
         """Fraction of the prunable groups whose parameters are all exactly zero."""
-        if self.num_prunable == 0:
-            return 0.0
-        return float((self.zero_groups() & self._prunable.cpu()).sum()) / self.num_prunable
+        return float(self._prunable_zero().sum()) / max(self.num_prunable, 1)
 
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging: sparsity, counts, target and phase (0 warm-up, 1 pruning, 2 done)."""
-        zero = self.zero_groups() & self._prunable.cpu()
+        zero = int(self._prunable_zero().sum())
         return {
-            "group_sparsity": float(zero.sum()) / max(self.num_prunable, 1),
-            "num_zero_groups": float(zero.sum()),
+            "group_sparsity": zero / max(self.num_prunable, 1),
+            "num_zero_groups": float(zero),
             "num_prunable_groups": float(self.num_prunable),
             "target_group_sparsity": float(self.target_group_sparsity or 0.0),
             "target_num_zero_groups": float(self.target_num_zero_groups),
@@ -341,8 +345,18 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
 
     def _prepare(self, need_dir: bool) -> tuple[list[_Work], list[torch.Tensor | None]]:
         """Update momenta/moments of every parameter with a gradient; return the pending updates
-        and, if ``need_dir``, the update direction of each grouped parameter (None: no gradient)."""
-        d: list[torch.Tensor | None] = [None] * len(self._gparams)
+        and, if ``need_dir``, the update direction of each grouped parameter (None: no gradient).
+
+        Also records, per grouped parameter, this step's lr, decoupled decay and the scale of its
+        direction (``self._lr``, ``self._decay``, ``self._dscale``): the true direction is
+        ``dscale * d`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights of the
+        group sums). Parameters without a gradient get lr 0: they do not move.
+        """
+        n = len(self._gparams)
+        d: list[torch.Tensor | None] = [None] * n
+        self._lr = torch.zeros(n, dtype=torch.float64)
+        self._decay = torch.zeros(n, dtype=torch.float64)
+        self._dscale = torch.ones(n, dtype=torch.float64)
         works: list[_Work] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -352,101 +366,123 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             lr, wd = group["lr"], group["weight_decay"]
-            sub = [j for j, p in enumerate(params) if id(p) in self._gpos] if need_dir else []
+            pos = [self._gpos.get(id(p)) for p in params]
+            for i in pos:
+                if i is not None:
+                    self._lr[i] = lr
+                    self._decay[i] = wd if self.variant == "adamw" else 0.0
+            sub = [j for j, i in enumerate(pos) if i is not None] if need_dir else []
             if self.variant == "sgd":
-                if wd != 0:
+                copied = wd != 0
+                if copied:
                     grads = torch._foreach_add(grads, params, alpha=wd)
                 mu = group["momentum"]
                 if mu != 0:
-                    bufs, fresh = [], []
-                    for p, g in zip(params, grads):
+                    bufs, old = [], []
+                    for j, (p, g) in enumerate(zip(params, grads)):
                         st = self.state[p]
                         if "momentum_buffer" not in st:
                             st["momentum_buffer"] = torch.clone(g).detach()
-                            fresh.append(True)
                         else:
-                            fresh.append(False)
+                            old.append(j)
                         bufs.append(st["momentum_buffer"])
-                    old = [j for j, f in enumerate(fresh) if not f]
                     if old:
                         ob = [bufs[j] for j in old]
                         torch._foreach_mul_(ob, mu)
                         torch._foreach_add_(ob, [grads[j] for j in old])
-                    direction = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+                    if group["nesterov"]:
+                        if copied:  # our own copies: update in place, as torch does
+                            torch._foreach_add_(grads, bufs, alpha=mu)
+                            direction = grads
+                        else:
+                            direction = torch._foreach_add(grads, bufs, alpha=mu)
+                    else:
+                        direction = bufs
                 else:
                     direction = grads
-                works.append(_Work(params, lr, 0.0, direction=list(direction)))
+                works.append(_Work(params, lr, 0.0, direction=list(direction), alpha=lr))
                 for j in sub:
-                    d[self._gpos[id(params[j])]] = direction[j]
-            else:
-                b1, b2 = group["betas"]
-                exp_avgs, exp_avg_sqs, steps = [], [], []
-                for p in params:
-                    st = self.state[p]
-                    if "step" not in st:
-                        st["step"] = torch.tensor(0.0)
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    exp_avgs.append(st["exp_avg"])
-                    exp_avg_sqs.append(st["exp_avg_sq"])
-                    steps.append(st["step"])
-                torch._foreach_add_(steps, 1.0)
-                decay = 0.0
-                if wd != 0:
-                    if self.variant == "adamw":
-                        decay = wd
-                    else:
-                        grads = torch._foreach_add(grads, params, alpha=wd)
-                torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-                torch._foreach_mul_(exp_avg_sqs, b2)
-                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
-                bc1 = [1 - b1 ** s.item() for s in steps]
-                bc2_sqrt = [(1 - b2 ** s.item()) ** 0.5 for s in steps]
-                denom = torch._foreach_sqrt(exp_avg_sqs)
-                torch._foreach_div_(denom, bc2_sqrt)
-                torch._foreach_add_(denom, group["eps"])
-                works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom,
-                                   step_size=[-(lr / b) for b in bc1]))
-                if sub:
-                    dirs = torch._foreach_div([exp_avgs[j] for j in sub], [denom[j] for j in sub])
-                    torch._foreach_div_(dirs, [bc1[j] for j in sub])
-                    for j, t in zip(sub, dirs):
-                        d[self._gpos[id(params[j])]] = t
+                    d[pos[j]] = direction[j]
+                continue
+            b1, b2 = group["betas"]
+            exp_avgs, exp_avg_sqs, steps = [], [], []
+            for p in params:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+            torch._foreach_add_(steps, 1.0)
+            decay = 0.0
+            if wd != 0:
+                if self.variant == "adamw":
+                    decay = wd
+                else:
+                    grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+            torch._foreach_mul_(exp_avg_sqs, b2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
+            bc1 = [1 - b1 ** s.item() for s in steps]
+            bc2_sqrt = [(1 - b2 ** s.item()) ** 0.5 for s in steps]
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, group["eps"])
+            step_size = [-(lr / b) for b in bc1]
+            if not sub:
+                works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom, step_size=step_size))
+                continue
+            # Grouped parameters need the direction itself: turn their denominator buffer into
+            # m / denom in place (no new temporary), then step with add_ instead of addcdiv_.
+            in_sub = set(sub)
+            rest = [j for j in range(len(params)) if j not in in_sub]
+            if rest:
+                works.append(_Work([params[j] for j in rest], lr, decay, exp_avgs=[exp_avgs[j] for j in rest],
+                                   denom=[denom[j] for j in rest], step_size=[step_size[j] for j in rest]))
+            dirs = [denom[j] for j in sub]
+            torch._foreach_reciprocal_(dirs)
+            torch._foreach_mul_(dirs, [exp_avgs[j] for j in sub])
+            for j in sub:
+                d[pos[j]] = denom[j]
+                self._dscale[pos[j]] = 1.0 / bc1[j]
+            by_size: dict[float, list[int]] = {}
+            for j in sub:  # one add per distinct step size (one, unless steps differ per tensor)
+                by_size.setdefault(step_size[j], []).append(j)
+            for size, js in by_size.items():
+                works.append(_Work([params[j] for j in js], lr, decay, direction=[denom[j] for j in js], alpha=-size))
         return works, d
 
-    def step_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per grouped parameter: its learning rate and its decoupled weight decay this step
-        (zeros for parameters without a gradient, which do not move)."""
-        lr = torch.zeros(len(self._gparams), dtype=torch.float64)
-        decay = torch.zeros(len(self._gparams), dtype=torch.float64)
-        for group in self.param_groups:
-            for p in group["params"]:
-                i = self._gpos.get(id(p))
-                if i is not None and p.grad is not None:
-                    lr[i] = group["lr"]
-                    decay[i] = group["weight_decay"] if self.variant == "adamw" else 0.0
-        return lr, decay
-
     def _apply(self, works: list[_Work], plan: StepPlan | None) -> None:
+        penalized = plan is not None and plan.penalty is not None and bool(plan.penalized)
+        # With a penalty, a penalized parameter's decoupled decay is folded into the penalty's
+        # multiply (one pass instead of two): x <- x * (1 - lr*wd - lr*c_g).
+        folded: set[int] = set()
+        if penalized:
+            folded = {i for i, *_ in plan.penalized.slices if self._lr[i] > 0 and self._decay[i] > 0}
         for w in works:
             if w.decay != 0:
-                torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
-        if plan is not None and plan.penalty is not None and plan.penalized:
-            # x <- x - lr*c*x_old, applied after the decoupled decay x <- (1 - lr*wd) x_old:
-            # multiply by 1 - lr*c/(1 - lr*wd) so the sum is exact.
-            lr, decay = self.step_weights()
-            for i, dim, idx, grp in plan.penalized.slices:
-                p = self._gparams[i]
-                if lr[i] == 0:
+                todo = [p for p in w.params if self._gpos.get(id(p)) not in folded] if folded else w.params
+                if todo:
+                    torch._foreach_mul_(todo, 1 - w.lr * w.decay)
+        if penalized:
+            seen: set[int] = set()
+            for i, dim, idx, grp, size in plan.penalized.slices:
+                lr = float(self._lr[i])
+                if lr == 0:
                     continue
-                keep = 1.0 - float(lr[i] * decay[i])
-                f = 1.0 - (float(lr[i]) / max(keep, 1e-12)) * plan.penalty.to(p.device)[grp]
-                shape = [1] * p.dim()
-                shape[dim] = -1
-                p.index_copy_(dim, idx, p.index_select(dim, idx) * f.to(p.dtype).view(shape))
+                p = self._gparams[i]
+                c = plan.penalty.to(p.device)[grp]
+                keep = 1.0 - lr * float(self._decay[i])
+                if i in folded and i not in seen:  # decay and penalty in one pass
+                    scale_positions_(p, dim, idx, keep - lr * c, size, rest=keep)
+                else:  # after the decay: x_old * keep is there, remove lr*c*x_old
+                    scale_positions_(p, dim, idx, 1.0 - (lr / max(keep, 1e-12)) * c, size)
+                seen.add(i)
         for w in works:
             if w.direction is not None:
-                torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
+                torch._foreach_add_(w.params, w.direction, alpha=-w.alpha)
             else:
                 torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
         if plan is not None and plan.shrink is not None and plan.shrunk:
@@ -472,12 +508,13 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         group's tensors of lr_p * ||x_pg||^2 (the penalty's contribution to <y, x> is
         -c_g * lr_xx).
         """
-        lr, decay = self.step_weights()
-        xx = self._index.sums(x, None, torch.stack([torch.ones_like(lr), 1 - lr * decay, lr]))
-        xd = self._index.sums(x, d, torch.stack([torch.ones_like(lr), lr]))
+        lr, decay, ds = self._lr, self._decay, self._dscale
+        one = torch.ones_like(lr)
+        xx = self._index.sums(x, None, torch.stack([one, 1 - lr * decay, lr]))
+        xd = self._index.sums(x, d, torch.stack([ds, lr * ds]))
         out = {"xx": xx[0], "lr_xx": xx[2], "xd": xd[0], "trial": xx[1] - xd[1]}
         if with_dd:
-            out["dd"] = self._index.sums(d)[0]
+            out["dd"] = self._index.sums(d, None, (ds * ds)[None])[0]
         return out
 
     def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ class HSPG(GroupSparseOptimizer):
         # Proximal stage: group soft-thresholding of the new iterate, with each group's step size
         # (the norm-weighted mean lr of its tensors: the lr when all share one).
         x = self._gparams
-        lr, _ = self.step_weights()
+        lr = self._lr
         sums = self._index.sums(x, None, torch.stack([torch.ones_like(lr), lr]))
         norm = sums[0].sqrt()
         live = self._prunable & (norm > 0)
