@@ -107,6 +107,27 @@ class PrunableIndex:
                 out[:, s.segment_groups] += weights[:, s.param, None] * seg[None, :]
         return out
 
+    def gram(self, x: Sequence[torch.Tensor], d: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None],
+             w_xx: torch.Tensor, w_xd: torch.Tensor, w_dd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Weighted per-group sums of ``x*x``, ``x*d`` and ``d*d`` in one pass over memory.
+
+        ``d[i]`` is ``(num, den)`` meaning ``num / den`` (``den`` None: ``num``), so Adam's direction
+        ``m / (sqrt(v) + eps)`` is never stored: each cache-sized chunk is divided, multiplied and
+        reduced while it is in cache. Weights are ``[k, n_tensors]``; returns ``[k_xx, G]``,
+        ``[k_xd, G]``, ``[k_dd, G]``. Tensors with ``d[i]`` None count in ``x*x`` only.
+        """
+        ws = [w.to(self.device, torch.float32) for w in (w_xx, w_xd, w_dd)]
+        outs = [torch.zeros(w.shape[0], self.num_groups, dtype=torch.float32, device=self.device) for w in ws]
+        for s in self.slices:
+            pair = d[s.param]
+            rows = _row_gram(x[s.param], None if pair is None else pair[0], None if pair is None else pair[1], s.dim)
+            for k, (out, w) in enumerate(zip(outs, ws)):
+                if rows[k] is None:
+                    continue
+                seg = torch.segment_reduce(rows[k][s.sorted_index], "sum", lengths=s.segment_lengths)
+                out[:, s.segment_groups] += w[:, s.param, None] * seg.to(self.device)[None, :]
+        return tuple(outs)
+
     # -- selections ------------------------------------------------------------------------------
     def positions(self, mask: torch.Tensor) -> Positions:
         """The positions of the groups in ``mask`` (bool over all groups)."""
@@ -187,3 +208,40 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, same: bool) -> torch.Te
         x, y = a[r:r + rows].float(), b[r:r + rows].float()
         out += (x * y).sum(dim=other)
     return out
+
+
+def _row_gram(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None,
+              dim: int) -> list[torch.Tensor | None]:
+    """Per position along ``dim``: sums of x*x, x*d, d*d over the other dims, d = num/den (float32).
+
+    Chunks of the leading dimension keep the quotient and products in cache.
+    """
+    if num is None:
+        return [_row_dot(x, x, dim, same=True), None, None]
+    if x.dim() == 1:
+        xf = x.float()
+        df = num.float() if den is None else num.float() / den.float()
+        return [xf.square(), xf * df, df.square()]
+    inner = max(x[0].numel(), 1)
+    rows = max(1, _CHUNK // inner)
+    other = [k for k in range(x.dim()) if k != dim]
+    n = x.shape[dim]
+    if dim == 0:
+        out = torch.empty(3, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.zeros(3, n, dtype=torch.float32, device=x.device)
+    for r in range(0, x.shape[0], rows):
+        xc = x[r:r + rows].float()
+        dc = num[r:r + rows].float()
+        if den is not None:
+            dc = dc / den[r:r + rows]
+        if dim == 0:
+            xc, dc = xc.reshape(xc.shape[0], -1), dc.reshape(dc.shape[0], -1)
+            out[0, r:r + rows] = torch.linalg.vecdot(xc, xc, dim=1)
+            out[1, r:r + rows] = torch.linalg.vecdot(xc, dc, dim=1)
+            out[2, r:r + rows] = torch.linalg.vecdot(dc, dc, dim=1)
+        else:
+            out[0] += (xc * xc).sum(dim=other)
+            out[1] += (xc * dc).sum(dim=other)
+            out[2] += (dc * dc).sum(dim=other)
+    return [out[0], out[1], out[2]]

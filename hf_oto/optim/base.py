@@ -16,8 +16,9 @@ has three parts:
    optimizer state.
 
 Once projected, a group is *frozen*: at the start of every later step its gradient entries are set
-to zero in place (``p.grad.index_fill_``), and its momentum / Adam moments were zeroed when it was
-projected, so every base-step variant leaves it at exactly zero with no extra pass over the weights.
+to zero in place (``p.grad.index_fill_``), and its momentum / Adam first moment were zeroed when it
+was projected (its Adam second moment set huge, see ``_frozen_exp_avg_sq``), so every base-step
+variant leaves it at exactly zero with no extra pass over the weights.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
 replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
@@ -39,7 +40,18 @@ from ..groups import ZeroInvariantGroups
 from ._index import Positions, PrunableIndex, scale_positions_
 
 VARIANTS = ("sgd", "adam", "adamw")
-_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+#: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
+#: zero (first moment and gradient are zero: 0 / huge = 0), and it keeps CPU kernels on their fast
+#: path: on AVX-512 builds ``sqrt`` of exact zeros (and of subnormals, which a decaying moment
+#: would become) runs 4-10x slower than on normal values. The value decays by beta2 every step,
+#: so it is written again every ``_REFRESH_STEPS`` steps, long before it could become subnormal.
+_REFRESH_STEPS = 10_000
+
+
+def _frozen_exp_avg_sq(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max / 4
+#: A base-step direction as ``(num, den)``: ``num / den``, or ``num`` when ``den`` is None.
+Direction = tuple[torch.Tensor, "torch.Tensor | None"]
 #: Phases reported by ``metrics()["phase"]``.
 PHASES = {"warmup": 0.0, "pruning": 1.0, "finished": 2.0}
 
@@ -105,8 +117,7 @@ class _Work:
     params: list[torch.Tensor]
     lr: float
     decay: float                       # decoupled (AdamW) weight decay, 0 otherwise
-    direction: list[torch.Tensor] | None = None   # the update is -alpha * direction ...
-    alpha: float = 0.0
+    direction: list[torch.Tensor] | None = None   # SGD: the update direction
     exp_avgs: list[torch.Tensor] | None = None     # Adam: numerator ...
     denom: list[torch.Tensor] | None = None        # ... and denominator of the update
     step_size: list[float] | None = None
@@ -314,7 +325,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         """Whether this step's plan reads the base-step direction ``d`` (costs a temporary)."""
         return False
 
-    def _plan(self, x: list[torch.Tensor], d: list[torch.Tensor | None]) -> StepPlan | None:
+    def _plan(self, x: list[torch.Tensor], d: list[Direction | None]) -> StepPlan | None:
         """The method's decisions for this step (before any parameter moves)."""
         return None
 
@@ -330,9 +341,12 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         committed = self._oto["committed"]
         if committed.any():
-            # Frozen groups: masking the gradient keeps momentum/moments at zero, so every variant
-            # leaves these entries exactly zero (decoupled or L2 decay of zero is zero).
-            PrunableIndex.fill_([p.grad for p in self._gparams], self._positions("committed", committed))
+            # Frozen groups: masking the gradient keeps momentum and first moment at zero, so every
+            # variant leaves these entries exactly zero (decoupled or L2 decay of zero is zero).
+            frozen = self._positions("committed", committed)
+            PrunableIndex.fill_([p.grad for p in self._gparams], frozen)
+            if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
+                self._fill_frozen_exp_avg_sq(frozen)
         need_dir = self._needs_direction()
         works, d = self._prepare(need_dir)
         plan = self._plan(self._gparams, d)
@@ -343,17 +357,18 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         self._after_step()
         return loss
 
-    def _prepare(self, need_dir: bool) -> tuple[list[_Work], list[torch.Tensor | None]]:
+    def _prepare(self, need_dir: bool) -> tuple[list[_Work], list[Direction | None]]:
         """Update momenta/moments of every parameter with a gradient; return the pending updates
-        and, if ``need_dir``, the update direction of each grouped parameter (None: no gradient).
+        and, if ``need_dir``, the update direction of each grouped parameter as a pair
+        ``(num, den)`` meaning ``num / den`` (``den`` None for SGD; None: no gradient).
 
         Also records, per grouped parameter, this step's lr, decoupled decay and the scale of its
         direction (``self._lr``, ``self._decay``, ``self._dscale``): the true direction is
-        ``dscale * d`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights of the
-        group sums). Parameters without a gradient get lr 0: they do not move.
+        ``dscale * num / den`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights of
+        the group sums). Parameters without a gradient get lr 0: they do not move.
         """
         n = len(self._gparams)
-        d: list[torch.Tensor | None] = [None] * n
+        d: list[Direction | None] = [None] * n
         self._lr = torch.zeros(n, dtype=torch.float64)
         self._decay = torch.zeros(n, dtype=torch.float64)
         self._dscale = torch.ones(n, dtype=torch.float64)
@@ -400,9 +415,9 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                         direction = bufs
                 else:
                     direction = grads
-                works.append(_Work(params, lr, 0.0, direction=list(direction), alpha=lr))
+                works.append(_Work(params, lr, 0.0, direction=list(direction)))
                 for j in sub:
-                    d[pos[j]] = direction[j]
+                    d[pos[j]] = (direction[j], None)
                 continue
             b1, b2 = group["betas"]
             exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -431,27 +446,10 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, group["eps"])
             step_size = [-(lr / b) for b in bc1]
-            if not sub:
-                works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom, step_size=step_size))
-                continue
-            # Grouped parameters need the direction itself: turn their denominator buffer into
-            # m / denom in place (no new temporary), then step with add_ instead of addcdiv_.
-            in_sub = set(sub)
-            rest = [j for j in range(len(params)) if j not in in_sub]
-            if rest:
-                works.append(_Work([params[j] for j in rest], lr, decay, exp_avgs=[exp_avgs[j] for j in rest],
-                                   denom=[denom[j] for j in rest], step_size=[step_size[j] for j in rest]))
-            dirs = [denom[j] for j in sub]
-            torch._foreach_reciprocal_(dirs)
-            torch._foreach_mul_(dirs, [exp_avgs[j] for j in sub])
-            for j in sub:
-                d[pos[j]] = denom[j]
+            works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom, step_size=step_size))
+            for j in sub:  # the direction is m / denom, scaled by 1/bc1: never materialised
+                d[pos[j]] = (exp_avgs[j], denom[j])
                 self._dscale[pos[j]] = 1.0 / bc1[j]
-            by_size: dict[float, list[int]] = {}
-            for j in sub:  # one add per distinct step size (one, unless steps differ per tensor)
-                by_size.setdefault(step_size[j], []).append(j)
-            for size, js in by_size.items():
-                works.append(_Work([params[j] for j in js], lr, decay, direction=[denom[j] for j in js], alpha=-size))
         return works, d
 
     def _apply(self, works: list[_Work], plan: StepPlan | None) -> None:
@@ -482,7 +480,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 seen.add(i)
         for w in works:
             if w.direction is not None:
-                torch._foreach_add_(w.params, w.direction, alpha=-w.alpha)
+                torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
             else:
                 torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
         if plan is not None and plan.shrink is not None and plan.shrunk:
@@ -493,14 +491,24 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         mask = mask & self._prunable  # only prunable groups may ever be projected
         where = self._index.positions(mask)
         PrunableIndex.fill_(self._gparams, where)
-        for key in _STATE_KEYS:
-            PrunableIndex.fill_([self.state[p].get(key) if p in self.state else None for p in self._gparams], where)
+        for key in ("momentum_buffer", "exp_avg"):
+            PrunableIndex.fill_(self._state_list(key), where)
+        self._fill_frozen_exp_avg_sq(where)
         self._oto["committed"] = self._oto["committed"] | mask
         self._oto["active"] = self._oto["active"] & ~mask
 
+    def _state_list(self, key: str) -> list[torch.Tensor | None]:
+        return [self.state[p].get(key) if p in self.state else None for p in self._gparams]
+
+    def _fill_frozen_exp_avg_sq(self, where: Positions) -> None:
+        for i, dim, idx, _, _ in where.slices:
+            p = self._gparams[i]
+            v = self.state[p].get("exp_avg_sq") if p in self.state else None
+            if v is not None:
+                v.index_fill_(dim, idx, _frozen_exp_avg_sq(v.dtype))
+
     # -- helpers for the methods ---------------------------------------------------------------
-    def _group_scalars(self, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None],
-                       with_dd: bool = False) -> dict[str, torch.Tensor]:
+    def _group_scalars(self, x: Sequence[torch.Tensor], d: Sequence[Direction | None]) -> dict[str, torch.Tensor]:
         """Per-group sums the half-space and saliency rules need (float32 over all groups).
 
         ``xx``: ||x_g||^2; ``xd``: <x_g, d_g>; ``dd``: ||d_g||^2; ``trial``: <y_g, x_g> where
@@ -510,12 +518,9 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         """
         lr, decay, ds = self._lr, self._decay, self._dscale
         one = torch.ones_like(lr)
-        xx = self._index.sums(x, None, torch.stack([one, 1 - lr * decay, lr]))
-        xd = self._index.sums(x, d, torch.stack([ds, lr * ds]))
-        out = {"xx": xx[0], "lr_xx": xx[2], "xd": xd[0], "trial": xx[1] - xd[1]}
-        if with_dd:
-            out["dd"] = self._index.sums(d, None, (ds * ds)[None])[0]
-        return out
+        xx, xd, dd = self._index.gram(x, d, torch.stack([one, 1 - lr * decay, lr]), torch.stack([ds, lr * ds]),
+                                      (ds * ds)[None])
+        return {"xx": xx[0], "lr_xx": xx[2], "xd": xd[0], "trial": xx[1] - xd[1], "dd": dd[0]}
 
     def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The ``count`` candidates with the lowest ``priority`` such that removing them with the

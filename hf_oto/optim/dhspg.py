@@ -164,12 +164,12 @@ class DHSPG(GroupSparseOptimizer):
         target = cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
         s = None
         if t == 0:
-            s = self._group_scalars(x, d, with_dd=True)
+            s = self._group_scalars(x, d)
             self._start_period(target, s)
         active = self._oto["active"]
         if not active.any():
             return None
-        s = s if s is not None else self._group_scalars(x, d, with_dd=True)
+        s = s if s is not None else self._group_scalars(x, d)
         room = target - int(self._oto["committed"].sum())
         nonzero = active & (s["xx"] > 0)
         project = active & ~nonzero  # already zero: freeze now

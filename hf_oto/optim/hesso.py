@@ -166,6 +166,6 @@ class HESSO(GroupSparseOptimizer):
         candidates = self._prunable & ~committed
         if count <= 0 or not candidates.any():
             return
-        s = self._group_scalars(x, d, with_dd=True)
+        s = self._group_scalars(x, d)
         score = importance_scores(self.importance_criteria, s, self._sizes, candidates)
         self._oto["active"] = self._select(count, score, candidates)
