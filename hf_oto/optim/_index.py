@@ -107,26 +107,31 @@ class PrunableIndex:
                 out[:, s.segment_groups] += weights[:, s.param, None] * seg[None, :]
         return out
 
-    def gram(self, x: Sequence[torch.Tensor], d: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None],
-             w_xx: torch.Tensor, w_xd: torch.Tensor, w_dd: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Weighted per-group sums of ``x*x``, ``x*d`` and ``d*d`` in one pass over memory.
-
-        ``d[i]`` is ``(num, den)`` meaning ``num / den`` (``den`` None: ``num``), so Adam's direction
-        ``m / (sqrt(v) + eps)`` is never stored: each cache-sized chunk is divided, multiplied and
-        reduced while it is in cache. Weights are ``[k, n_tensors]``; returns ``[k_xx, G]``,
-        ``[k_xd, G]``, ``[k_dd, G]``. Tensors with ``d[i]`` None count in ``x*x`` only.
-        """
-        ws = [w.to(self.device, torch.float32) for w in (w_xx, w_xd, w_dd)]
-        outs = [torch.zeros(w.shape[0], self.num_groups, dtype=torch.float32, device=self.device) for w in ws]
+    @property
+    def slice_dims(self) -> dict[int, tuple[int, ...]]:
+        """Per parameter (index into ``param_names``) with a prunable slice: its sliced dims."""
+        out: dict[int, list[int]] = {}
         for s in self.slices:
-            pair = d[s.param]
-            rows = _row_gram(x[s.param], None if pair is None else pair[0], None if pair is None else pair[1], s.dim)
-            for k, (out, w) in enumerate(zip(outs, ws)):
-                if rows[k] is None:
-                    continue
-                seg = torch.segment_reduce(rows[k][s.sorted_index], "sum", lengths=s.segment_lengths)
-                out[:, s.segment_groups] += w[:, s.param, None] * seg.to(self.device)[None, :]
-        return tuple(outs)
+            out.setdefault(s.param, []).append(s.dim)
+        return {i: tuple(d) for i, d in out.items()}
+
+    def combine(self, rows: dict[tuple[int, int], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Per-group linear combinations of per-position statistics.
+
+        ``rows[(param, dim)]`` is ``[R, size]``: R statistics for each position along ``dim`` of
+        that parameter (from :func:`update_with_rows_`); ``weights[k, param, r]`` weights statistic
+        r of that parameter in output k. Returns ``[K, G]``: for every group, the weighted sum over
+        all its positions. Deterministic (segment sums).
+        """
+        weights = weights.to(self.device, torch.float32)
+        out = torch.zeros(weights.shape[0], self.num_groups, dtype=torch.float32, device=self.device)
+        for s in self.slices:
+            r = rows.get((s.param, s.dim))
+            if r is None:
+                continue
+            seg = torch.segment_reduce(r.t()[s.sorted_index], "sum", lengths=s.segment_lengths, axis=0)
+            out[:, s.segment_groups] += weights[:, s.param, :r.shape[0]] @ seg.to(self.device).t()
+        return out
 
     # -- selections ------------------------------------------------------------------------------
     def positions(self, mask: torch.Tensor) -> Positions:
@@ -181,7 +186,7 @@ def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch
 
 #: Elements per chunk of a row reduction: products stay in cache instead of a full-size temporary
 #: (measured on CPU: 2-3x faster than one vecdot over a BERT-base FFN matrix).
-_CHUNK = 1 << 17
+_CHUNK = 1 << 16
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, same: bool) -> torch.Tensor:
@@ -210,38 +215,56 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, same: bool) -> torch.Te
     return out
 
 
-def _row_gram(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None,
-              dim: int) -> list[torch.Tensor | None]:
-    """Per position along ``dim``: sums of x*x, x*d, d*d over the other dims, d = num/den (float32).
+def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
+                      alpha: float, dims: Sequence[int], post: bool) -> dict[int, torch.Tensor]:
+    """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
+    ``num`` None: no update) and, in the same pass, per-position statistics for each of ``dims``.
 
-    Chunks of the leading dimension keep the quotient and products in cache.
+    Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
+    ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
+    processed in cache-sized chunks of its leading dimension, so the direction and the products
+    never exist at full size, and the update reads ``x``, ``num`` and ``den`` from memory once:
+    the statistics cost arithmetic, not memory traffic.
     """
-    if num is None:
-        return [_row_dot(x, x, dim, same=True), None, None]
-    if x.dim() == 1:
-        xf = x.float()
-        df = num.float() if den is None else num.float() / den.float()
-        return [xf.square(), xf * df, df.square()]
-    inner = max(x[0].numel(), 1)
-    rows = max(1, _CHUNK // inner)
-    other = [k for k in range(x.dim()) if k != dim]
-    n = x.shape[dim]
-    if dim == 0:
-        out = torch.empty(3, n, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.zeros(3, n, dtype=torch.float32, device=x.device)
-    for r in range(0, x.shape[0], rows):
-        xc = x[r:r + rows].float()
-        dc = num[r:r + rows].float()
-        if den is not None:
-            dc = dc / den[r:r + rows]
+    out = {dim: torch.zeros(4, x.shape[dim], dtype=torch.float32, device=x.device) for dim in dims}
+    if x.dim() == 0:
+        raise ValueError("scalar parameters have no slices")
+    # On CPU, cache-sized chunks; on accelerators one chunk (fewer kernel launches matter more).
+    step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
+    for r in range(0, x.shape[0], step):
+        xc = x[r:r + step]
+        d = None
+        if num is not None:
+            d = num[r:r + step] if den is None else num[r:r + step] / den[r:r + step]
+        _accumulate(out, xc, d, r, 0)
+        if d is not None:
+            if keep != 1.0:
+                xc.mul_(keep)
+            xc.add_(d, alpha=alpha)
+        if post:
+            _accumulate(out, xc, None, r, 3)
+    if 0 in out:  # dim 0 collected norms (no temporary): square them once
+        out[0][[0, 2, 3]] = out[0][[0, 2, 3]].square()
+    return out
+
+
+def _accumulate(out: dict[int, torch.Tensor], xc: torch.Tensor, d: torch.Tensor | None, r: int, row: int) -> None:
+    """Add the statistics of chunk ``xc`` (rows r..) to ``out``: from row ``row`` on, x*x then, with
+    ``d``, x*d and d*d. Rows of dim 0 hold norms, not squares, until :func:`_finish` squares them."""
+    xf = xc if xc.dtype == torch.float32 else xc.float()
+    df = d if d is None or d.dtype == torch.float32 else d.float()
+    for dim, o in out.items():
         if dim == 0:
-            xc, dc = xc.reshape(xc.shape[0], -1), dc.reshape(dc.shape[0], -1)
-            out[0, r:r + rows] = torch.linalg.vecdot(xc, xc, dim=1)
-            out[1, r:r + rows] = torch.linalg.vecdot(xc, dc, dim=1)
-            out[2, r:r + rows] = torch.linalg.vecdot(dc, dc, dim=1)
+            x2 = xf if xf.dim() == 2 else xf.reshape(xf.shape[0], -1)
+            n = x2.shape[0]
+            torch.linalg.vector_norm(x2, 2, dim=1, out=o[row, r:r + n])
+            if df is not None:
+                d2 = df if df.dim() == 2 else df.reshape(n, -1)
+                torch.sum(x2 * d2, dim=1, out=o[row + 1, r:r + n])
+                torch.linalg.vector_norm(d2, 2, dim=1, out=o[row + 2, r:r + n])
         else:
-            out[0] += (xc * xc).sum(dim=other)
-            out[1] += (xc * dc).sum(dim=other)
-            out[2] += (dc * dc).sum(dim=other)
-    return [out[0], out[1], out[2]]
+            other = [k for k in range(xf.dim()) if k != dim]
+            o[row] += (xf * xf).sum(other)
+            if df is not None:
+                o[row + 1] += (xf * df).sum(other)
+                o[row + 2] += (df * df).sum(other)

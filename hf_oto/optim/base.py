@@ -3,22 +3,27 @@
 Every optimizer here is a ``torch.optim.Optimizer`` over all trainable parameters of a model. A step
 has three parts:
 
-1. **Base step** (:meth:`GroupSparseOptimizer._prepare` and ``_apply``): plain SGD (momentum,
-   Nesterov), Adam or AdamW over every parameter, vectorised with ``torch._foreach_*`` per param
-   group, with the same arithmetic as ``torch.optim.SGD/Adam/AdamW(foreach=True)``. Parameters in no
-   group only ever get this step.
-2. **Group plan** (``_plan``, one per method): from the parameters ``x`` and the base-step direction
-   ``d`` (the SGD momentum direction, or Adam's ``m_hat / (sqrt(v_hat) + eps)``), per-group scalars
-   (``||x_g||^2``, ``<x_g, d_g>``, ...) are computed with one row reduction per parameter slice, and
-   the method decides per group: a penalty coefficient, a shrink factor, a projection to zero.
-3. **Group corrections**: penalties and shrinks are index-based multiplies on the positions of the
-   groups concerned; projections are ``index_fill_`` (exact zeros) on the parameters and on their
-   optimizer state.
+1. **Base step** (``_prepare`` and ``_update``): plain SGD (momentum, Nesterov), Adam or AdamW over
+   every parameter, vectorised with ``torch._foreach_*`` per param group, with the arithmetic of
+   ``torch.optim.SGD/Adam/AdamW(foreach=True)``. Parameters in no group only ever get this step.
+   On steps where the method needs them, the parameters that have prunable slices are instead
+   updated chunk by chunk while per-group statistics (``||x_g||^2``, ``<x_g, d_g>``, ... with ``d``
+   the base direction) are gathered in the same pass over memory.
+2. **Group plan** (``_plan``, one per method): from those statistics the method decides per group a
+   penalty, a shrink factor and projections to zero (vectors over groups: no loop per group).
+3. **Group corrections** (``_correct``): multiplies on the positions of the groups concerned
+   (one broadcast multiply per slice, or gather/scatter when few positions change) and
+   ``index_fill_`` for exact zeros on the parameters and on their optimizer state.
 
 Once projected, a group is *frozen*: at the start of every later step its gradient entries are set
 to zero in place (``p.grad.index_fill_``), and its momentum / Adam first moment were zeroed when it
 was projected (its Adam second moment set huge, see ``_frozen_exp_avg_sq``), so every base-step
 variant leaves it at exactly zero with no extra pass over the weights.
+
+Reference: the Only-Train-Once authors' public code (tianyic/only_train_once; the copies read
+were microsoft/only_train_once and tianyic/only_train_once_personal_footprint, folder
+``only_train_once/optimizer``). Each method's docstring says what was confirmed there and where
+we differ; no code was copied.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
 replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
@@ -36,8 +41,9 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..graph.analysis import _unwrap as unwrap_model  # the same unwrapping find_groups does
 from ..groups import ZeroInvariantGroups
-from ._index import Positions, PrunableIndex, scale_positions_
+from ._index import Positions, PrunableIndex, scale_positions_, update_with_rows_
 
 VARIANTS = ("sgd", "adam", "adamw")
 #: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
@@ -50,8 +56,6 @@ _REFRESH_STEPS = 10_000
 
 def _frozen_exp_avg_sq(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max / 4
-#: A base-step direction as ``(num, den)``: ``num / den``, or ``num`` when ``den`` is None.
-Direction = tuple[torch.Tensor, "torch.Tensor | None"]
 #: Phases reported by ``metrics()["phase"]``.
 PHASES = {"warmup": 0.0, "pruning": 1.0, "finished": 2.0}
 
@@ -82,25 +86,17 @@ def check_int(name: str, value: Any, *, low: int = 0) -> int:
     return int(value)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under DDP / ``torch.compile`` wrappers (the one ``find_groups`` names from)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 # -- the per-step plan a method returns ------------------------------------------------------------
 
 @dataclass
 class StepPlan:
-    """What a method does to its groups during one step (all vectors over all groups).
+    """What a method does to its groups after the base step (vectors over all groups).
 
-    ``penalty[g] = c`` adds ``-lr * c * x_g`` to the step of group g (``x`` before the step), i.e. a
-    group-lasso (sub)gradient ``lambda_g * x_g / ||x_g||`` with ``c = lambda_g / ||x_g||``. It acts on
-    the positions ``penalized``. ``shrink`` multiplies the groups at ``shrunk`` after the step.
-    ``project`` sets groups to exactly zero after the step and freezes them.
+    ``penalty[g] = c`` multiplies group g by ``max(0, 1 - lr * c)`` after the base step (each tensor
+    with its own lr). With ``c = lambda_g / ||z_g||``, z the iterate after the base step, this is the
+    proximal operator of ``lambda_g ||x_g||``: the group-lasso term in forward-backward form. It acts
+    on the positions ``penalized``. ``shrink`` multiplies the groups at ``shrunk``; ``project`` sets
+    groups to exactly zero and freezes them.
     """
 
     penalty: torch.Tensor | None = None
@@ -144,8 +140,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw",
                  lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 param_groups: Iterable[dict[str, Any]] | None = None,
-                 extra_defaults: dict[str, Any] | None = None) -> None:
+                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(groups, ZeroInvariantGroups):
@@ -175,7 +170,6 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
 
         defaults = dict(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
                         nesterov=bool(nesterov), betas=(float(betas[0]), float(betas[1])), eps=float(eps))
-        defaults.update(extra_defaults or {})
         super().__init__(pgs, defaults)
         for g in self.param_groups:
             check_number("lr (param group)", g["lr"], low=0.0)
@@ -321,16 +315,14 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         self._positions_cache[key] = (mask.clone(), where)
         return where
 
-    def _needs_direction(self) -> bool:
-        """Whether this step's plan reads the base-step direction ``d`` (costs a temporary)."""
-        return False
-
-    def _plan(self, x: list[torch.Tensor], d: list[Direction | None]) -> StepPlan | None:
-        """The method's decisions for this step (before any parameter moves)."""
+    def _wants_stats(self) -> str | None:
+        """Whether this step's plan needs group statistics: None, ``"pre"`` (of the parameters and
+        direction before the step) or ``"post"`` (also of the parameters after it)."""
         return None
 
-    def _after_step(self) -> None:
-        """Hook after the step is applied and projections are done (HSPG's proximal operator)."""
+    def _plan(self, s: dict[str, torch.Tensor] | None) -> StepPlan | None:
+        """The method's decisions for this step, from the statistics of :meth:`_update`."""
+        return None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch signature
@@ -347,31 +339,24 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             PrunableIndex.fill_([p.grad for p in self._gparams], frozen)
             if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
                 self._fill_frozen_exp_avg_sq(frozen)
-        need_dir = self._needs_direction()
-        works, d = self._prepare(need_dir)
-        plan = self._plan(self._gparams, d)
-        self._apply(works, plan)
-        if plan is not None and plan.project is not None and plan.project.any():
-            self._project(plan.project)
+        works = self._prepare()
+        stats = self._update(works, self._wants_stats())
+        plan = self._plan(stats)
+        if plan is not None:
+            self._correct(plan)
         self._oto["step"] += 1
-        self._after_step()
         return loss
 
-    def _prepare(self, need_dir: bool) -> tuple[list[_Work], list[Direction | None]]:
-        """Update momenta/moments of every parameter with a gradient; return the pending updates
-        and, if ``need_dir``, the update direction of each grouped parameter as a pair
-        ``(num, den)`` meaning ``num / den`` (``den`` None for SGD; None: no gradient).
+    def _prepare(self) -> list[_Work]:
+        """Update momenta/moments of every parameter with a gradient; return the pending updates.
 
         Also records, per grouped parameter, this step's lr, decoupled decay and the scale of its
         direction (``self._lr``, ``self._decay``, ``self._dscale``): the true direction is
-        ``dscale * num / den`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights of
-        the group sums). Parameters without a gradient get lr 0: they do not move.
+        ``dscale * num / den`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights
+        of the group sums). Parameters without a gradient get lr 0: they do not move.
         """
         n = len(self._gparams)
-        d: list[Direction | None] = [None] * n
-        self._lr = torch.zeros(n, dtype=torch.float64)
-        self._decay = torch.zeros(n, dtype=torch.float64)
-        self._dscale = torch.ones(n, dtype=torch.float64)
+        lrs, decays, dscales = [0.0] * n, [0.0] * n, [1.0] * n
         works: list[_Work] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -384,9 +369,8 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             pos = [self._gpos.get(id(p)) for p in params]
             for i in pos:
                 if i is not None:
-                    self._lr[i] = lr
-                    self._decay[i] = wd if self.variant == "adamw" else 0.0
-            sub = [j for j, i in enumerate(pos) if i is not None] if need_dir else []
+                    lrs[i] = lr
+                    decays[i] = wd if self.variant == "adamw" else 0.0
             if self.variant == "sgd":
                 copied = wd != 0
                 if copied:
@@ -416,8 +400,6 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 else:
                     direction = grads
                 works.append(_Work(params, lr, 0.0, direction=list(direction)))
-                for j in sub:
-                    d[pos[j]] = (direction[j], None)
                 continue
             b1, b2 = group["betas"]
             exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -445,46 +427,95 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             denom = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, group["eps"])
-            step_size = [-(lr / b) for b in bc1]
-            works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom, step_size=step_size))
-            for j in sub:  # the direction is m / denom, scaled by 1/bc1: never materialised
-                d[pos[j]] = (exp_avgs[j], denom[j])
-                self._dscale[pos[j]] = 1.0 / bc1[j]
-        return works, d
+            works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom,
+                               step_size=[-(lr / b) for b in bc1]))
+            for j, i in enumerate(pos):
+                if i is not None:
+                    dscales[i] = 1.0 / bc1[j]
+        self._lr = torch.tensor(lrs, dtype=torch.float64)
+        self._decay = torch.tensor(decays, dtype=torch.float64)
+        self._dscale = torch.tensor(dscales, dtype=torch.float64)
+        return works
 
-    def _apply(self, works: list[_Work], plan: StepPlan | None) -> None:
-        penalized = plan is not None and plan.penalty is not None and bool(plan.penalized)
-        # With a penalty, a penalized parameter's decoupled decay is folded into the penalty's
-        # multiply (one pass instead of two): x <- x * (1 - lr*wd - lr*c_g).
-        folded: set[int] = set()
-        if penalized:
-            folded = {i for i, *_ in plan.penalized.slices if self._lr[i] > 0 and self._decay[i] > 0}
+    def _update(self, works: list[_Work], want: str | None) -> dict[str, torch.Tensor] | None:
+        """Apply the base step to every parameter; with ``want``, also return group statistics.
+
+        Without statistics the step is ``torch._foreach_*`` throughout, with torch's arithmetic.
+        With them, each parameter that has a prunable slice is updated by
+        :func:`update_with_rows_`, which reads it, its direction and (Adam) denominator once per
+        chunk and returns per-position sums on the way; :meth:`PrunableIndex.combine` turns them
+        into per-group statistics (all float32 over all groups):
+
+        ``xx`` ||x_g||^2, ``xd`` <x_g, d_g>, ``dd`` ||d_g||^2 (x before the step, d the true base
+        direction); ``T1`` = <z_g, x_g> (z: after the base step) and ``T2`` the same with each
+        tensor weighted by its lr (so a post-step shrink by ``1 - lr*c`` gives
+        ``<y_g, x_g> = T1 - c*T2``); with ``"post"`` also ``zz`` ||z_g||^2 and ``lr_zz`` (each tensor
+        weighted by its lr: ``lr_zz / zz`` is the group's step size when its tensors share one).
+        """
+        fused = self._index.slice_dims if want else {}
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+        post = want == "post"
         for w in works:
-            if w.decay != 0:
-                todo = [p for p in w.params if self._gpos.get(id(p)) not in folded] if folded else w.params
-                if todo:
-                    torch._foreach_mul_(todo, 1 - w.lr * w.decay)
-        if penalized:
-            seen: set[int] = set()
-            for i, dim, idx, grp, size in plan.penalized.slices:
-                lr = float(self._lr[i])
-                if lr == 0:
+            plain = []
+            for j, p in enumerate(w.params):
+                i = self._gpos.get(id(p))
+                if i is None or i not in fused:
+                    plain.append(j)
                     continue
-                p = self._gparams[i]
-                c = plan.penalty.to(p.device)[grp]
-                keep = 1.0 - lr * float(self._decay[i])
-                if i in folded and i not in seen:  # decay and penalty in one pass
-                    scale_positions_(p, dim, idx, keep - lr * c, size, rest=keep)
-                else:  # after the decay: x_old * keep is there, remove lr*c*x_old
-                    scale_positions_(p, dim, idx, 1.0 - (lr / max(keep, 1e-12)) * c, size)
-                seen.add(i)
-        for w in works:
+                if w.direction is not None:
+                    num, den, alpha = w.direction[j], None, -w.lr
+                else:
+                    num, den, alpha = w.exp_avgs[j], w.denom[j], w.step_size[j]
+                for dim, r in update_with_rows_(p, num, den, 1 - w.lr * w.decay, alpha, fused[i], post).items():
+                    rows[(i, dim)] = r
+            if len(plain) < len(w.params):
+                w = _Work([w.params[j] for j in plain], w.lr, w.decay,
+                          direction=None if w.direction is None else [w.direction[j] for j in plain],
+                          exp_avgs=None if w.exp_avgs is None else [w.exp_avgs[j] for j in plain],
+                          denom=None if w.denom is None else [w.denom[j] for j in plain],
+                          step_size=None if w.step_size is None else [w.step_size[j] for j in plain])
+            if not w.params:
+                continue
+            if w.decay != 0:
+                torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
             if w.direction is not None:
                 torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
             else:
                 torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
-        if plan is not None and plan.shrink is not None and plan.shrunk:
+        if not want:
+            return None
+        for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
+            if (i, dims[0]) not in rows:
+                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, dims, post).items():
+                    r[3] = r[0]
+                    rows[(i, dim)] = r
+        lr, ds = self._lr, self._dscale
+        keep = 1 - lr * self._decay
+        w = torch.zeros(7, len(self._gparams), 4, dtype=torch.float64)
+        w[0, :, 0] = 1                                       # xx
+        w[1, :, 1] = ds                                      # xd
+        w[2, :, 2] = ds * ds                                 # dd
+        w[3, :, 0], w[3, :, 1] = keep, -lr * ds              # T1 = <x_new, x>
+        w[4, :, 0], w[4, :, 1] = lr * keep, -lr * lr * ds    # T2
+        w[5, :, 3] = 1                                       # zz
+        w[6, :, 3] = lr                                      # lr_zz
+        out = self._index.combine(rows, w)
+        return dict(zip(("xx", "xd", "dd", "T1", "T2", "zz", "lr_zz"), out))
+
+    def _correct(self, plan: StepPlan) -> None:
+        """After the base step: the penalty shrink, the schedule's shrink, the projections."""
+        if plan.penalty is not None and plan.penalized:
+            lrs = self._lr.tolist()
+            for i, dim, idx, grp, size in plan.penalized.slices:
+                lr = lrs[i]
+                if lr == 0:
+                    continue
+                p = self._gparams[i]
+                scale_positions_(p, dim, idx, (1.0 - lr * plan.penalty.to(p.device)[grp]).clamp_min(0), size)
+        if plan.shrink is not None and plan.shrunk:
             PrunableIndex.scale_(self._gparams, plan.shrunk, plan.shrink)
+        if plan.project is not None and plan.project.any():
+            self._project(plan.project)
 
     def _project(self, mask: torch.Tensor) -> None:
         """Set the groups in ``mask`` to exactly zero, with their optimizer state, and freeze them."""
@@ -508,19 +539,34 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 v.index_fill_(dim, idx, _frozen_exp_avg_sq(v.dtype))
 
     # -- helpers for the methods ---------------------------------------------------------------
-    def _group_scalars(self, x: Sequence[torch.Tensor], d: Sequence[Direction | None]) -> dict[str, torch.Tensor]:
-        """Per-group sums the half-space and saliency rules need (float32 over all groups).
+    def _halfspace(self, s: dict[str, torch.Tensor], lambdas: torch.Tensor, free: torch.Tensor,
+                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The proximal group-lasso step and the half-space test, for the groups in ``free``.
 
-        ``xx``: ||x_g||^2; ``xd``: <x_g, d_g>; ``dd``: ||d_g||^2; ``trial``: <y_g, x_g> where
-        y = x - lr*(d + decoupled decay) is the base step without penalty; ``lr_xx``: sum over the
-        group's tensors of lr_p * ||x_pg||^2 (the penalty's contribution to <y, x> is
-        -c_g * lr_xx).
+        The trial point is ``y_g = prox(z_g) = z_g * max(0, 1 - lr * lambda_g / ||z_g||)``, z the
+        base step's result. Returns ``(coef, cross, depth)``: the penalty coefficients
+        ``lambda_g / ||z_g||`` (for :class:`StepPlan`), the groups whose trial point leaves the
+        half-space, ``<y_g, x_g> < epsilon * ||x_g||^2`` (or which the prox zeroes), and
+        ``<y_g, x_g> / ||x_g||^2`` (how deep; +inf outside ``cross``).
         """
-        lr, decay, ds = self._lr, self._decay, self._dscale
-        one = torch.ones_like(lr)
-        xx, xd, dd = self._index.gram(x, d, torch.stack([one, 1 - lr * decay, lr]), torch.stack([ds, lr * ds]),
-                                      (ds * ds)[None])
-        return {"xx": xx[0], "lr_xx": xx[2], "xd": xd[0], "trial": xx[1] - xd[1], "dd": dd[0]}
+        live = free & (s["xx"] > 0)
+        znorm = s["zz"].clamp_min(0).sqrt()
+        coef = torch.where(live, lambdas / znorm.clamp_min(1e-30), torch.zeros_like(znorm))
+        lr_g = s["lr_zz"] / s["zz"].clamp_min(1e-30)
+        zeroed = live & ((1 - lr_g * coef) <= 0)
+        trial = torch.where(zeroed, torch.zeros_like(znorm), s["T1"] - coef * s["T2"])
+        cross = live & ((trial < epsilon * s["xx"]) | zeroed)
+        depth = torch.where(cross, trial / s["xx"].clamp_min(1e-30), torch.full_like(trial, math.inf))
+        return coef, cross, depth
+
+    @staticmethod
+    def _cap(cross: torch.Tensor, depth: torch.Tensor, room: int) -> torch.Tensor:
+        """At most ``room`` of the groups in ``cross``: the deepest crossings (stable order)."""
+        if int(cross.sum()) <= max(room, 0):
+            return cross
+        capped = torch.zeros_like(cross)
+        capped[torch.sort(depth, stable=True).indices[:max(room, 0)]] = True
+        return capped
 
     def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The ``count`` candidates with the lowest ``priority`` such that removing them with the

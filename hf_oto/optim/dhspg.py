@@ -62,11 +62,11 @@ class DHSPG(GroupSparseOptimizer):
       as in the authors' code). At the start of period p, the non-frozen prunable groups are scored
       (:func:`redundancy_scores`) and the most redundant ones form the redundant set R: as many as
       the period must zero, plus ``tolerance_group_sparsity * num_prunable`` spare ones. Important
-      groups get the plain base step. Each group of R gets the base step plus a group-lasso
-      penalty ``lr * lambda_g * x_g/||x_g||`` with the adaptive ``lambda_g`` of
-      :func:`adaptive_lambdas`, and the half-space test: if the trial point ``y_g`` leaves the
-      half-space, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is projected to exactly zero and
-      frozen. Projections stop at the period's cumulative target
+      groups get the plain base step. Each group of R gets the base step ``z = x - lr*d`` and
+      then the group-lasso proximal shrink ``y_g = z_g * max(0, 1 - lr * lambda_g/||z_g||)`` with
+      the adaptive ``lambda_g`` of :func:`adaptive_lambdas`, and the half-space test: if
+      ``y_g`` leaves the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is
+      projected to exactly zero and frozen. Projections stop at the period's cumulative target
       ``floor(K * (p + 1) / P)`` (K = ``floor(target_group_sparsity * num_prunable)``); when more
       groups qualify, those deepest across the boundary (smallest ``<y_g, x_g>/||x_g||^2``) go first.
       Once the target is met, the rest of R returns to the important set.
@@ -76,14 +76,16 @@ class DHSPG(GroupSparseOptimizer):
       ``"num_halfspace_projections"``): the guarantee the trainer relies on.
     - Afterwards: the base optimizer; frozen groups stay exactly zero.
 
-    Confirmed against the authors' public code (tianyic/only_train_once, ``optimizer/dhspg.py`` and
-    ``hyperparameter.py``, read, not copied): the lambda bounds and their clipping, amplification and
+    Confirmed against the authors' public code (``optimizer/dhspg.py`` and ``hyperparameter.py``,
+    see :mod:`hf_oto.optim.base`): the lambda bounds and their clipping, amplification and
     midpoint rule; the per-variant defaults (sgd: lambda 1e-3, amplify 2, cap 10x; adam/adamw:
     1e-2, 20, 1000x); epsilon 0; tolerance 0.05 extra groups in R; the saliency (cosine and inverse
     average norm, L2-normalised, half and half); the half-space test with a cap on the number of
     projections (they pick randomly among the qualifying groups; we pick deterministically, which
-    data-parallel replicas need); the penalty applied on top of the base (SGD/Adam) direction.
-    The end-of-period forced projection is ours.
+    data-parallel replicas need); the penalty applied on top of the base (SGD/Adam) direction
+    (they add the subgradient ``lambda_g x_g/||x_g||`` to the step; we apply its proximal form
+    after the base step, which needs no second pass over the weights). The end-of-period forced
+    projection is ours.
 
     Example:
         >>> opt = DHSPG(model, groups, variant="adamw", lr=3e-5, target_group_sparsity=0.5,
@@ -153,45 +155,35 @@ class DHSPG(GroupSparseOptimizer):
     def _where(self):
         return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
 
-    def _needs_direction(self) -> bool:
-        return self._where() is not None and (self._oto["active"].any() or self._where()[1] == 0)
+    def _wants_stats(self) -> str | None:
+        where = self._where()
+        return "post" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
 
-    def _plan(self, x, d) -> StepPlan | None:
+    def _plan(self, s) -> StepPlan | None:
         where = self._where()
         if where is None:
             return None
         period, t, length = where
         target = cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
-        s = None
         if t == 0:
-            s = self._group_scalars(x, d)
             self._start_period(target, s)
         active = self._oto["active"]
         if not active.any():
             return None
-        s = s if s is not None else self._group_scalars(x, d)
         room = target - int(self._oto["committed"].sum())
         nonzero = active & (s["xx"] > 0)
         project = active & ~nonzero  # already zero: freeze now
         room -= int(project.sum())
         lam = adaptive_lambdas(s, self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff)
         self._oto["lambdas"] = torch.where(nonzero, lam, torch.zeros_like(lam))
-        coef = torch.where(nonzero, lam / s["xx"].clamp_min(1e-30).sqrt(), torch.zeros_like(lam))
-        # <y, x> for the full trial step y = x - lr*(d + lambda x/||x||) (+ decoupled decay).
-        trial = s["trial"] - coef * s["lr_xx"]
-        cross = nonzero & (trial < self.epsilon * s["xx"])
-        n_cross = int(cross.sum())
-        if n_cross > max(room, 0):
-            ratio = torch.where(cross, trial / s["xx"].clamp_min(1e-30), torch.full_like(trial, math.inf))
-            keep = torch.sort(ratio, stable=True).indices[:max(room, 0)]
-            cross = torch.zeros_like(cross)
-            cross[keep] = True
+        coef, cross, depth = self._halfspace(s, lam, nonzero, self.epsilon)
+        cross = self._cap(cross, depth, room)  # deepest crossings first
         project |= cross
         room -= int(cross.sum())
         self._oto["num_halfspace"] += int(cross.sum())
         if t == length - 1 and room > 0:  # end of period: meet the target exactly
             left = nonzero & ~cross
-            norm = torch.where(left, s["xx"], torch.full_like(trial, math.inf))
+            norm = torch.where(left, s["xx"], torch.full_like(s["xx"], math.inf))
             forced = torch.sort(norm, stable=True).indices[:room]
             forced = forced[torch.isfinite(norm[forced])]
             project[forced] = True

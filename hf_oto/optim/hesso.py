@@ -80,13 +80,13 @@ class HESSO(GroupSparseOptimizer):
     No selection empties a layer (``compress`` keeps one group per dimension anyway), so at the end
     of the window exactly K prunable groups are zero and :func:`hf_oto.compress` removes them all.
 
-    Confirmed against the authors' public code (tianyic/only_train_once, ``optimizer/hesso.py``,
-    read, not copied): same warm-up/period structure and per-period counts (their K is
+    Confirmed against the authors' public code (``optimizer/hesso.py`` and ``importance_score/``,
+    see :mod:`hf_oto.optim.base`): same warm-up/period structure and per-period counts (their K is
     ``int(N * min(target, 0.999))`` and the last period takes the remainder); the shrink factor
     ``(L - t - 1)/(L - t)`` applied after the base step; the same five criteria with equal 0.2 weights,
     each normalised by its L2 norm, computed on the base optimizer's update direction; constructor
-    defaults target 0.5, start step 0, one period (their examples mostly use 10 periods, which we take
-    as our default). Differences: the cosine criterion's orientation (see :func:`importance_scores`),
+    defaults target 0.5, start step 0, one period (configurations built on it that we read use 5 to 10
+    periods for gradual pruning; we default to 10). Differences: the cosine criterion's orientation (see :func:`importance_scores`),
     the even spread of K over periods, the layer-emptying guard and the frozen groups' masked
     gradients and moments.
 
@@ -139,17 +139,17 @@ class HESSO(GroupSparseOptimizer):
     def _where(self) -> tuple[int, int, int] | None:
         return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
 
-    def _needs_direction(self) -> bool:
+    def _wants_stats(self) -> str | None:
         where = self._where()
-        return where is not None and where[1] == 0  # scores are computed at period starts only
+        return "pre" if where is not None and where[1] == 0 else None  # scores at period starts
 
-    def _plan(self, x, d) -> StepPlan | None:
+    def _plan(self, s) -> StepPlan | None:
         where = self._where()
         if where is None:
             return None
         period, t, length = where
         if t == 0:
-            self._start_period(period, x, d)
+            self._start_period(period, s)
         active = self._oto["active"]
         if not active.any():
             return None
@@ -159,13 +159,12 @@ class HESSO(GroupSparseOptimizer):
                              torch.ones((), device=self.device))
         return StepPlan(shrink=factor, shrunk=self._positions("active", active))
 
-    def _start_period(self, period: int, x, d) -> None:
+    def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
         target = cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
         committed = self._oto["committed"]
         count = target - int(committed.sum())
         candidates = self._prunable & ~committed
         if count <= 0 or not candidates.any():
             return
-        s = self._group_scalars(x, d)
         score = importance_scores(self.importance_criteria, s, self._sizes, candidates)
         self._oto["active"] = self._select(count, score, candidates)

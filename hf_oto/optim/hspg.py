@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from ._index import PrunableIndex
 from .base import GroupSparseOptimizer, StepPlan, check_int, check_number
 
 #: Default group-lasso weight per base variant (the authors' defaults).
@@ -20,26 +19,31 @@ class HSPG(GroupSparseOptimizer):
 
     The sum runs over the prunable groups. Schedule (optimizer steps):
 
-    - ``[0, start_pruning_step)``: proximal stage (reported as phase ``"warmup"``): the base step,
-      then group soft-thresholding ``x_g <- max(0, 1 - lr*lmbda/||x_g||) x_g``. Zeros it creates
-      are not frozen: a later gradient may revive them, as proximal SGD does.
+    - ``[0, start_pruning_step)``: proximal stage (reported as phase ``"warmup"``): the base step
+      ``z = x - lr*d``, then group soft-thresholding ``x_g <- max(0, 1 - lr*lmbda/||z_g||) z_g``.
+      Zeros it creates are not frozen: a later gradient may revive them, as proximal SGD does.
     - then the half-space stage, for ``pruning_steps`` steps (None: for the rest of training):
-      every zero prunable group is frozen; each non-zero prunable group takes the trial step
-      ``y_g = x_g - lr*(d_g + lmbda x_g/||x_g||)`` and is projected to exactly zero (and frozen)
-      when ``<y_g, x_g> < epsilon ||x_g||^2``. If ``target_group_sparsity`` is given it is an upper
-      bound: no projection beyond it (the deepest crossings go first), and the stage ends when it
-      is reached. Projections never empty a layer.
+      every zero prunable group is frozen; each non-zero prunable group takes the same proximal
+      trial step ``y_g`` and is projected to exactly zero (and frozen) when it leaves the
+      half-space of its current point, ``<y_g, x_g> < epsilon ||x_g||^2``. If
+      ``target_group_sparsity`` is given it is an upper bound: no projection beyond it (the
+      deepest crossings go first), and the stage ends when it is reached. Projections never
+      empty a layer.
     - afterwards (``pruning_finished``): the base optimizer alone; frozen groups stay zero.
 
-    The penalty is applied beside the base direction ``d`` (momentum / Adam scaling act on the
-    loss gradient only), like decoupled weight decay.
+    ``d`` is the base optimizer's direction (momentum / Adam scaling act on the loss gradient only;
+    the penalty stays outside them, like decoupled weight decay). The proximal form has the
+    fixed points of ``f + lmbda * sum_g ||x_g||`` exactly (the test compares the objective with
+    proximal gradient descent).
 
-    Confirmed against the authors' public code (their ``HSPG`` optimizer, read, not copied): the
-    subgradient ``x_g/||x_g||`` on non-zero groups, the half-space test ``<y_g, x_g> < eps
-    ||x_g||^2``, zero groups held at zero in the half-space stage, and the optional upper bound on
-    group sparsity (they choose the projected groups randomly when it binds; we choose the deepest
-    crossings, deterministically). Their first stage is a plain subgradient step; we use the
-    proximal step of the OTO paper. Their SGD momentum also acts on the penalty; ours does not.
+    Confirmed against the authors' public code (their original ``HSPG`` optimizer, see
+    :mod:`hf_oto.optim.base`): the
+    group-lasso term on non-zero groups, the half-space test ``<y_g, x_g> < eps ||x_g||^2``, zero
+    groups held at zero in the half-space stage, and the optional upper bound on group sparsity
+    (they choose the projected groups randomly when it binds; we choose the deepest crossings,
+    deterministically). Differences: their trial step uses the subgradient ``x_g/||x_g||`` at the
+    current point, ours the proximal operator after the base step (the OTO paper's first stage
+    is proximal too); their SGD momentum also acts on the penalty.
 
     Example:
         >>> opt = HSPG(model, groups, variant="sgd", lr=0.1, momentum=0.9, lmbda=1e-3,
@@ -86,13 +90,23 @@ class HSPG(GroupSparseOptimizer):
             return "finished"
         return "pruning"
 
-    def _needs_direction(self) -> bool:
-        return self.phase() == "pruning"
+    def _wants_stats(self) -> str | None:
+        phase = self.phase()
+        return "post" if phase in ("warmup", "pruning") else None
 
-    def _plan(self, x, d) -> StepPlan | None:
-        if self.phase() != "pruning":
+    def _plan(self, s) -> StepPlan | None:
+        phase = self.phase()
+        if phase == "warmup":
+            # Proximal stage: group soft-thresholding of the new iterate, with each group's step
+            # size (the norm-weighted mean lr of its tensors: the lr when all share one).
+            norm = s["zz"].clamp_min(0).sqrt()
+            lr_g = s["lr_zz"] / s["zz"].clamp_min(1e-30)
+            live = self._prunable & (norm > 0)
+            factor = torch.where(live, (1 - lr_g * self.lmbda / norm.clamp_min(1e-30)).clamp_min(0),
+                                 torch.ones_like(norm))
+            return StepPlan(shrink=factor, shrunk=self._positions("prunable", self._prunable))
+        if phase != "pruning":
             return None
-        s = self._group_scalars(x, d)
         free = self._prunable & ~self._oto["committed"]
         zero = free & (s["xx"] == 0)
         if not self._oto["halfspace_started"]:
@@ -101,30 +115,7 @@ class HSPG(GroupSparseOptimizer):
             self._oto["halfspace_started"] = True
         else:
             zero = torch.zeros_like(zero)
-        nonzero = free & (s["xx"] > 0)
-        coef = torch.where(nonzero, self.lmbda / s["xx"].clamp_min(1e-30).sqrt(), torch.zeros_like(s["xx"]))
-        trial = s["trial"] - coef * s["lr_xx"]
-        cross = nonzero & (trial < self.epsilon * s["xx"])
-        ratio = torch.where(cross, trial / s["xx"].clamp_min(1e-30), torch.full_like(trial, float("inf")))
-        room = self.target_num_zero_groups - int(self._oto["committed"].sum())
-        if int(cross.sum()) > room:
-            keep = torch.sort(ratio, stable=True).indices[:max(room, 0)]
-            cross = torch.zeros_like(cross)
-            cross[keep] = True
-        cross = self._feasible(cross, ratio)  # keep a layer's shallowest crossing if all would go
+        coef, cross, depth = self._halfspace(s, torch.full_like(s["xx"], self.lmbda), free, self.epsilon)
+        cross = self._cap(cross, depth, self.target_num_zero_groups - int(self._oto["committed"].sum()))
+        cross = self._feasible(cross, depth)  # keep a layer's shallowest crossing if all would go
         return StepPlan(penalty=coef, penalized=self._positions("free", free), project=cross | zero)
-
-    def _after_step(self) -> None:
-        if self.step_count - 1 >= self.start_pruning_step:
-            return
-        # Proximal stage: group soft-thresholding of the new iterate, with each group's step size
-        # (the norm-weighted mean lr of its tensors: the lr when all share one).
-        x = self._gparams
-        lr = self._lr
-        sums = self._index.sums(x, None, torch.stack([torch.ones_like(lr), lr]))
-        norm = sums[0].sqrt()
-        live = self._prunable & (norm > 0)
-        lr_g = sums[1] / sums[0].clamp_min(1e-30)
-        factor = torch.where(live, (1 - lr_g * self.lmbda / norm.clamp_min(1e-30)).clamp_min(0),
-                             torch.ones_like(norm))
-        PrunableIndex.scale_(x, self._positions("prunable", self._prunable), factor)
