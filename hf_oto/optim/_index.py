@@ -6,7 +6,8 @@ only ever reads or writes prunable groups, so :class:`PrunableIndex` keeps, per 
 only the positions of prunable groups. That halves the work of every reduction on a Transformer.
 
 Everything here is one loop over parameter slices (a few dozen to a few hundred per model, whatever
-the number of groups) with one or two tensor ops each: no Python loop per group.
+the number of groups) with a few tensor ops each, plus, on CPU, a loop over cache-sized chunks of
+each tensor in :func:`update_with_rows_`: no Python loop per group.
 """
 
 from __future__ import annotations
@@ -227,8 +228,6 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     the statistics cost arithmetic, not memory traffic.
     """
     out = {dim: torch.zeros(4, x.shape[dim], dtype=torch.float32, device=x.device) for dim in dims}
-    if x.dim() == 0:
-        raise ValueError("scalar parameters have no slices")
     # On CPU, cache-sized chunks; on accelerators one chunk (fewer kernel launches matter more).
     step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
     for r in range(0, x.shape[0], step):
@@ -250,7 +249,8 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
 
 def _accumulate(out: dict[int, torch.Tensor], xc: torch.Tensor, d: torch.Tensor | None, r: int, row: int) -> None:
     """Add the statistics of chunk ``xc`` (rows r..) to ``out``: from row ``row`` on, x*x then, with
-    ``d``, x*d and d*d. Rows of dim 0 hold norms, not squares, until :func:`_finish` squares them."""
+    ``d``, x*d and d*d. Rows of dim 0 hold norms, not squares, until :func:`update_with_rows_`
+    squares them (a norm along contiguous rows needs no temporary)."""
     xf = xc if xc.dtype == torch.float32 else xc.float()
     df = d if d is None or d.dtype == torch.float32 else d.float()
     for dim, o in out.items():

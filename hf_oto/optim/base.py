@@ -602,6 +602,47 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 mask[mine[torch.argmax(priority[mine])]] = False
 
 
+class WindowedPruning(GroupSparseOptimizer):
+    """The schedule HESSO and DHSPG share: ``start_pruning_step`` warm-up steps, then a window of
+    ``pruning_steps`` steps split into ``pruning_periods`` periods, each zeroing an equal share of
+    the target, then the base optimizer alone (all counted in optimizer steps)."""
+
+    def _init_schedule(self, target_group_sparsity: float, start_pruning_step: int, pruning_steps: int | None,
+                       pruning_periods: int) -> None:
+        self.target_group_sparsity = check_number("target_group_sparsity", target_group_sparsity,
+                                                  low=0.0, high=1.0, high_open=True)
+        self.start_pruning_step = check_int("start_pruning_step", start_pruning_step)
+        if pruning_steps is None:
+            raise ValueError("pruning_steps is required: the number of optimizer steps over which the "
+                             "redundant groups are brought to zero")
+        self.pruning_steps = check_int("pruning_steps", pruning_steps, low=1)
+        self.pruning_periods = check_int("pruning_periods", pruning_periods, low=1)
+        if self.pruning_periods > self.pruning_steps:
+            raise ValueError(f"pruning_periods ({pruning_periods}) must be <= pruning_steps ({pruning_steps})")
+
+    @property
+    def target_num_zero_groups(self) -> int:
+        return int(self.target_group_sparsity * self.num_prunable + 1e-9)
+
+    def _config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "target_group_sparsity", "start_pruning_step", "pruning_steps", "pruning_periods")}
+
+    def phase(self) -> str:
+        k = self.step_count
+        if k < self.start_pruning_step:
+            return "warmup"
+        return "pruning" if k < self.start_pruning_step + self.pruning_steps else "finished"
+
+    def _where(self) -> tuple[int, int, int] | None:
+        """``(period, step in period, period length)`` of the next step, None outside the window."""
+        return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
+
+    def _period_target(self, period: int) -> int:
+        """Zero groups to reach by the end of ``period``."""
+        return cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+
+
 def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[int, int, int] | None:
     """Where ``step`` (0-based) falls in a pruning window of ``steps`` steps split into ``periods``.
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import (GroupSparseOptimizer, StepPlan, check_int, check_number, cumulative_targets,
-                   schedule_period)
+from .base import StepPlan, WindowedPruning, check_number
 
 #: Per-variant defaults of the authors' code: base lambda, amplification, and the cap of the
 #: adapted lambda as a multiple of the base one.
@@ -52,7 +51,7 @@ def adaptive_lambdas(s: dict[str, torch.Tensor], lmbda: float, amplify: float, c
     return torch.where(adjust, adapted, lam)
 
 
-class DHSPG(GroupSparseOptimizer):
+class DHSPG(WindowedPruning):
     """Dual Half-Space Projected Gradient (OTOv2): reaches a user-chosen group sparsity.
 
     Schedule (optimizer steps):
@@ -101,16 +100,7 @@ class DHSPG(GroupSparseOptimizer):
                  pruning_periods: int = 1, lmbda: float | None = None, lmbda_amplify: float | None = None,
                  hat_lmbda_coeff: float | None = None, epsilon: float = 0.0, tolerance_group_sparsity: float = 0.05,
                  param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self.target_group_sparsity = check_number("target_group_sparsity", target_group_sparsity,
-                                                  low=0.0, high=1.0, high_open=True)
-        self.start_pruning_step = check_int("start_pruning_step", start_pruning_step)
-        if pruning_steps is None:
-            raise ValueError("pruning_steps is required: the number of optimizer steps over which the "
-                             "redundant groups are brought to zero")
-        self.pruning_steps = check_int("pruning_steps", pruning_steps, low=1)
-        self.pruning_periods = check_int("pruning_periods", pruning_periods, low=1)
-        if self.pruning_periods > self.pruning_steps:
-            raise ValueError(f"pruning_periods ({pruning_periods}) must be <= pruning_steps ({pruning_steps})")
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
         d_lmbda, d_amp, d_cap = LAMBDA_DEFAULTS.get(variant, LAMBDA_DEFAULTS["sgd"])
         self.lmbda = check_number("lmbda", d_lmbda if lmbda is None else lmbda, low=0.0)
         self.lmbda_amplify = check_number("lmbda_amplify", d_amp if lmbda_amplify is None else lmbda_amplify, low=1.0)
@@ -128,20 +118,9 @@ class DHSPG(GroupSparseOptimizer):
             "num_forced": 0,
         })
 
-    @property
-    def target_num_zero_groups(self) -> int:
-        return int(self.target_group_sparsity * self.num_prunable + 1e-9)
-
     def _config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "target_group_sparsity", "start_pruning_step", "pruning_steps", "pruning_periods", "lmbda",
-            "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity")}
-
-    def phase(self) -> str:
-        k = self.step_count
-        if k < self.start_pruning_step:
-            return "warmup"
-        return "pruning" if k < self.start_pruning_step + self.pruning_steps else "finished"
+        return {**super()._config(), **{k: getattr(self, k) for k in (
+            "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity")}}
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -152,9 +131,6 @@ class DHSPG(GroupSparseOptimizer):
                     "num_forced_projections": float(self._oto["num_forced"])})
         return out
 
-    def _where(self):
-        return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
-
     def _wants_stats(self) -> str | None:
         where = self._where()
         return "post" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
@@ -164,7 +140,7 @@ class DHSPG(GroupSparseOptimizer):
         if where is None:
             return None
         period, t, length = where
-        target = cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+        target = self._period_target(period)
         if t == 0:
             self._start_period(target, s)
         active = self._oto["active"]

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import (GroupSparseOptimizer, StepPlan, check_int, check_number, cumulative_targets,
-                   schedule_period)
+from .base import StepPlan, WindowedPruning, check_number
 
 #: The importance criteria and the default mix (equal weights, as in the authors' code).
 DEFAULT_IMPORTANCE = {"magnitude": 0.2, "avg_magnitude": 0.2, "cosine_similarity": 0.2,
@@ -61,7 +60,7 @@ def check_criteria(criteria: dict[str, float] | None) -> dict[str, float]:
     return out
 
 
-class HESSO(GroupSparseOptimizer):
+class HESSO(WindowedPruning):
     """Hybrid Efficient Structured Sparse Optimizer (OTOv3): the default and the most robust.
 
     Schedule (all in optimizer steps, the optimizer's own counter):
@@ -106,38 +105,14 @@ class HESSO(GroupSparseOptimizer):
                  target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
                  pruning_periods: int = 10, importance_criteria: dict[str, float] | None = None,
                  param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self.target_group_sparsity = check_number("target_group_sparsity", target_group_sparsity,
-                                                  low=0.0, high=1.0, high_open=True)
-        self.start_pruning_step = check_int("start_pruning_step", start_pruning_step)
-        if pruning_steps is None:
-            raise ValueError("pruning_steps is required: the number of optimizer steps over which the "
-                             "redundant groups are brought to zero")
-        self.pruning_steps = check_int("pruning_steps", pruning_steps, low=1)
-        self.pruning_periods = check_int("pruning_periods", pruning_periods, low=1)
-        if self.pruning_periods > self.pruning_steps:
-            raise ValueError(f"pruning_periods ({pruning_periods}) must be <= pruning_steps ({pruning_steps})")
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
         self.importance_criteria = check_criteria(importance_criteria)
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
         self._sizes = groups.group_sizes.to(self.device)
 
-    @property
-    def target_num_zero_groups(self) -> int:
-        return int(self.target_group_sparsity * self.num_prunable + 1e-9)
-
     def _config(self) -> dict[str, Any]:
-        return {"target_group_sparsity": self.target_group_sparsity, "start_pruning_step": self.start_pruning_step,
-                "pruning_steps": self.pruning_steps, "pruning_periods": self.pruning_periods,
-                "importance_criteria": dict(self.importance_criteria)}
-
-    def phase(self) -> str:
-        k = self.step_count
-        if k < self.start_pruning_step:
-            return "warmup"
-        return "pruning" if k < self.start_pruning_step + self.pruning_steps else "finished"
-
-    def _where(self) -> tuple[int, int, int] | None:
-        return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
+        return {**super()._config(), "importance_criteria": dict(self.importance_criteria)}
 
     def _wants_stats(self) -> str | None:
         where = self._where()
@@ -160,7 +135,7 @@ class HESSO(GroupSparseOptimizer):
         return StepPlan(shrink=factor, shrunk=self._positions("active", active))
 
     def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
-        target = cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+        target = self._period_target(period)
         committed = self._oto["committed"]
         count = target - int(committed.sum())
         candidates = self._prunable & ~committed
