@@ -1,1 +1,7 @@
 """Group-sparsity optimizers working on zero-invariant groups."""
+
+from .base import GroupSparseOptimizer
+from .dhspg import DHSPG
+from .factory import OTOOptimizerFactory, create_oto_optimizer
+from .hesso import HESSO
+from .hspg import HSPG

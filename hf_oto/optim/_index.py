@@ -1,0 +1,270 @@
+"""Vectorised group maths restricted to the prunable groups, for the optimizers' hot path.
+
+:class:`hf_oto.ZeroInvariantGroups` keeps one slice per (tensor, dim) for *every* group, including
+the non-prunable ones (the hidden width of a Transformer touches nearly every weight). An optimizer
+only ever reads or writes prunable groups, so :class:`PrunableIndex` keeps, per (parameter, dim),
+only the positions of prunable groups. That halves the work of every reduction on a Transformer.
+
+Everything here is one loop over parameter slices (a few dozen to a few hundred per model, whatever
+the number of groups) with a few tensor ops each, plus, on CPU, a loop over cache-sized chunks of
+each tensor in :func:`update_with_rows_`: no Python loop per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..groups import ZeroInvariantGroups
+
+
+@dataclass
+class _Slice:
+    param: int            # index into ``groups.param_names``
+    dim: int
+    index: torch.Tensor   # positions along ``dim`` (on the parameter's device)
+    group: torch.Tensor   # group of each position (on the parameter's device)
+    size: int             # length of ``dim``
+    # The same positions sorted by group, for segment sums: positions, then per distinct group
+    # (ascending) its id and how many positions it has.
+    sorted_index: torch.Tensor
+    segment_groups: torch.Tensor
+    segment_lengths: torch.Tensor
+
+
+@dataclass
+class Positions:
+    """The positions of a set of groups: per slice, the positions and the group of each."""
+
+    slices: list[tuple[int, int, torch.Tensor, torch.Tensor, int]]  # (param, dim, positions, groups, dim size)
+
+    def __bool__(self) -> bool:
+        return bool(self.slices)
+
+
+class PrunableIndex:
+    """Per-group sums, fills and scalings over the prunable groups of ``groups``.
+
+    Tensors are passed as lists aligned with ``groups.param_names`` (None entries are skipped).
+    Group vectors (results, masks, factors) are float32/bool tensors of length ``len(groups)`` on
+    ``device``; entries of non-prunable groups are never touched.
+    """
+
+    def __init__(self, groups: ZeroInvariantGroups, params: Sequence[torch.Tensor], device: torch.device) -> None:
+        self.num_groups = len(groups)
+        self.device = device
+        prunable = groups.prunable_mask
+        pos = {n: i for i, n in enumerate(groups.param_names)}
+        self.slices: list[_Slice] = []
+        for s in groups.slices:
+            if not s.is_param:
+                continue
+            keep = prunable[s.group]
+            if not keep.any():
+                continue
+            i = pos[s.tensor]
+            dev = params[i].device
+            index, group = s.index[keep], s.group[keep]
+            order = torch.sort(group, stable=True).indices
+            seg_groups, seg_lengths = torch.unique_consecutive(group[order], return_counts=True)
+            self.slices.append(_Slice(i, s.dim, index.to(dev), group.to(dev), groups.tensor_shapes[s.tensor][s.dim],
+                                      index[order].to(dev), seg_groups.to(device), seg_lengths.to(dev)))
+        # A slice whose positions cover its whole dimension empties that dimension when all its
+        # groups are removed; selections must avoid that (see ``emptied``). Non-prunable groups
+        # can never be removed, so only fully prunable, fully covering slices matter.
+        self.full_dims: list[torch.Tensor] = []
+        for s in groups.slices:
+            n = groups.tensor_shapes[s.tensor][s.dim]
+            if s.index.unique().numel() == n and bool(prunable[s.group].all()):
+                self.full_dims.append(s.group.unique().to(device))
+
+    # -- reductions ------------------------------------------------------------------------------
+    def sums(self, a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None] | None = None,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-group sums of ``a * b`` (``a * a`` when ``b`` is None) across every tensor a group spans.
+
+        ``weights`` (``[k, n_tensors]``) weights each tensor's contribution; the result is
+        ``[k, G]`` (``[1, G]`` without weights). One row reduction per slice serves all k weightings.
+
+        Deterministic on every device (segment sums, no atomics): data-parallel replicas that hold
+        the same parameters and gradients take the same decisions.
+        """
+        k = 1 if weights is None else weights.shape[0]
+        if weights is not None:
+            weights = weights.to(self.device, torch.float32)
+        out = torch.zeros(k, self.num_groups, dtype=torch.float32, device=self.device)
+        for s in self.slices:
+            x = a[s.param]
+            y = x if b is None else b[s.param]
+            if x is None or y is None:
+                continue
+            rows = _row_dot(x, y, s.dim, same=b is None)[s.sorted_index]
+            seg = torch.segment_reduce(rows, "sum", lengths=s.segment_lengths).to(self.device)
+            if weights is None:
+                out[0, s.segment_groups] += seg
+            else:
+                out[:, s.segment_groups] += weights[:, s.param, None] * seg[None, :]
+        return out
+
+    @property
+    def slice_dims(self) -> dict[int, tuple[int, ...]]:
+        """Per parameter (index into ``param_names``) with a prunable slice: its sliced dims."""
+        out: dict[int, list[int]] = {}
+        for s in self.slices:
+            out.setdefault(s.param, []).append(s.dim)
+        return {i: tuple(d) for i, d in out.items()}
+
+    def combine(self, rows: dict[tuple[int, int], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Per-group linear combinations of per-position statistics.
+
+        ``rows[(param, dim)]`` is ``[R, size]``: R statistics for each position along ``dim`` of
+        that parameter (from :func:`update_with_rows_`); ``weights[k, param, r]`` weights statistic
+        r of that parameter in output k. Returns ``[K, G]``: for every group, the weighted sum over
+        all its positions. Deterministic (segment sums).
+        """
+        weights = weights.to(self.device, torch.float32)
+        out = torch.zeros(weights.shape[0], self.num_groups, dtype=torch.float32, device=self.device)
+        for s in self.slices:
+            r = rows.get((s.param, s.dim))
+            if r is None:
+                continue
+            seg = torch.segment_reduce(r.t()[s.sorted_index], "sum", lengths=s.segment_lengths, axis=0)
+            out[:, s.segment_groups] += weights[:, s.param, :r.shape[0]] @ seg.to(self.device).t()
+        return out
+
+    # -- selections ------------------------------------------------------------------------------
+    def positions(self, mask: torch.Tensor) -> Positions:
+        """The positions of the groups in ``mask`` (bool over all groups)."""
+        out = []
+        for s in self.slices:
+            m = mask.to(s.group.device)[s.group]
+            if m.any():
+                out.append((s.param, s.dim, s.index[m], s.group[m], s.size))
+        return Positions(out)
+
+    def emptied(self, removed: torch.Tensor) -> torch.Tensor:
+        """Bool over ``full_dims``: which dimensions removing the groups in ``removed`` would empty."""
+        if not self.full_dims:
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.stack([removed[g].all() for g in self.full_dims])
+
+    # -- in-place updates ------------------------------------------------------------------------
+    @staticmethod
+    def fill_(tensors: Sequence[torch.Tensor | None], where: Positions, value: float = 0.0) -> None:
+        """Set every entry at ``where`` to ``value`` (exact: no multiply)."""
+        for i, dim, idx, _, _ in where.slices:
+            t = tensors[i]
+            if t is not None:
+                t.index_fill_(dim, idx, value)
+
+    @staticmethod
+    def scale_(tensors: Sequence[torch.Tensor | None], where: Positions, factors: torch.Tensor) -> None:
+        """Multiply the entries at ``where`` by ``factors[group]`` (entries in two groups get both)."""
+        for i, dim, idx, grp, size in where.slices:
+            t = tensors[i]
+            if t is not None:
+                scale_positions_(t, dim, idx, factors.to(t.device)[grp], size)
+
+
+def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor, size: int,
+                     rest: float = 1.0) -> None:
+    """``t`` times ``values`` at positions ``idx`` along ``dim`` and times ``rest`` elsewhere.
+
+    A broadcast multiply over the whole tensor when many positions change (one in-place pass),
+    else gather-multiply-scatter on those positions only (rest must then be 1).
+    """
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    if rest != 1.0 or 4 * idx.numel() > size:
+        vec = torch.full((size,), rest, dtype=t.dtype, device=t.device)
+        vec[idx] = values.to(t.dtype)
+        t.mul_(vec.view(shape))
+    else:
+        t.index_copy_(dim, idx, t.index_select(dim, idx) * values.to(t.dtype).view(shape))
+
+
+#: Elements per chunk of a row reduction: products stay in cache instead of a full-size temporary
+#: (measured on CPU: 2-3x faster than one vecdot over a BERT-base FFN matrix).
+_CHUNK = 1 << 16
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, same: bool) -> torch.Tensor:
+    """For each position along ``dim``: the sum of ``a * b`` over the other dimensions, in float32."""
+    if a.dim() == 1:
+        return a.float().square() if same else a.float() * b.float()
+    if dim == 0:
+        a2 = a.reshape(a.shape[0], -1)
+        if same:  # a norm along contiguous rows needs no temporary
+            return torch.linalg.vector_norm(a2, 2, dim=1, dtype=torch.float32).square()
+        b2 = b.reshape(b.shape[0], -1)
+        rows = max(1, _CHUNK // max(a2.shape[1], 1))
+        if rows >= a2.shape[0]:
+            return torch.linalg.vecdot(a2.float(), b2.float(), dim=1)
+        return torch.cat([torch.linalg.vecdot(a2[r:r + rows].float(), b2[r:r + rows].float(), dim=1)
+                          for r in range(0, a2.shape[0], rows)])
+    # Any other dim: accumulate over chunks of the leading dimension.
+    b = a if same else b
+    other = [d for d in range(a.dim()) if d != dim]
+    inner = max(a[0].numel(), 1)
+    rows = max(1, _CHUNK // inner)
+    out = torch.zeros(a.shape[dim], dtype=torch.float32, device=a.device)
+    for r in range(0, a.shape[0], rows):
+        x, y = a[r:r + rows].float(), b[r:r + rows].float()
+        out += (x * y).sum(dim=other)
+    return out
+
+
+def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
+                      alpha: float, dims: Sequence[int], post: bool) -> dict[int, torch.Tensor]:
+    """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
+    ``num`` None: no update) and, in the same pass, per-position statistics for each of ``dims``.
+
+    Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
+    ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
+    processed in cache-sized chunks of its leading dimension, so the direction and the products
+    never exist at full size, and the update reads ``x``, ``num`` and ``den`` from memory once:
+    the statistics cost arithmetic, not memory traffic.
+    """
+    out = {dim: torch.zeros(4, x.shape[dim], dtype=torch.float32, device=x.device) for dim in dims}
+    # On CPU, cache-sized chunks; on accelerators one chunk (fewer kernel launches matter more).
+    step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
+    for r in range(0, x.shape[0], step):
+        xc = x[r:r + step]
+        d = None
+        if num is not None:
+            d = num[r:r + step] if den is None else num[r:r + step] / den[r:r + step]
+        _accumulate(out, xc, d, r, 0)
+        if d is not None:
+            if keep != 1.0:
+                xc.mul_(keep)
+            xc.add_(d, alpha=alpha)
+        if post:
+            _accumulate(out, xc, None, r, 3)
+    if 0 in out:  # dim 0 collected norms (no temporary): square them once
+        out[0][[0, 2, 3]] = out[0][[0, 2, 3]].square()
+    return out
+
+
+def _accumulate(out: dict[int, torch.Tensor], xc: torch.Tensor, d: torch.Tensor | None, r: int, row: int) -> None:
+    """Add the statistics of chunk ``xc`` (rows r..) to ``out``: from row ``row`` on, x*x then, with
+    ``d``, x*d and d*d. Rows of dim 0 hold norms, not squares, until :func:`update_with_rows_`
+    squares them (a norm along contiguous rows needs no temporary)."""
+    xf = xc if xc.dtype == torch.float32 else xc.float()
+    df = d if d is None or d.dtype == torch.float32 else d.float()
+    for dim, o in out.items():
+        if dim == 0:
+            x2 = xf if xf.dim() == 2 else xf.reshape(xf.shape[0], -1)
+            n = x2.shape[0]
+            torch.linalg.vector_norm(x2, 2, dim=1, out=o[row, r:r + n])
+            if df is not None:
+                d2 = df if df.dim() == 2 else df.reshape(n, -1)
+                torch.sum(x2 * d2, dim=1, out=o[row + 1, r:r + n])
+                torch.linalg.vector_norm(d2, 2, dim=1, out=o[row + 2, r:r + n])
+        else:
+            other = [k for k in range(xf.dim()) if k != dim]
+            o[row] += (xf * xf).sum(other)
+            if df is not None:
+                o[row + 1] += (xf * df).sum(other)
+                o[row + 2] += (df * df).sum(other)
