@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(__file__)
-METHODS = ["magnitude"]
+METHODS = ["hesso", "dhspg", "magnitude"]
 
 
 def _free_port() -> int:
@@ -22,8 +23,15 @@ def _free_port() -> int:
 
 def _run(cmd, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # A new session, so that a hung run can be killed with its worker processes.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(

@@ -239,3 +239,66 @@ def test_loss_scaling_probe():
     ids = torch.randint(0, 100, (2, 8))
     lm_trainer._probe_loss_scaling({"input_ids": ids, "labels": ids})
     assert lm_trainer.model_accepts_loss_kwargs is True
+
+
+# -- group-sparsity methods through the trainer -------------------------------------------------------
+
+def _oto_args(tmp_path, method="hesso", **overrides):
+    settings = dict(oto_method=method, target_group_sparsity=0.4, max_steps=10, oto_pruning_start=2,
+                    oto_pruning_end=7, oto_pruning_periods=2, learning_rate=1e-3)
+    settings.update(overrides)
+    return _args(tmp_path, **settings)
+
+
+@pytest.mark.parametrize("method", ["hesso", "dhspg"])
+def test_group_sparsity_reaches_the_target_and_compresses_exactly(tmp_path, method):
+    data = qa_data()
+    trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path, method), train_dataset=data, eval_dataset=data)
+    trainer.train()  # raises if the compressed model's metrics differ from the sparse model's
+    groups = trainer.oto_groups
+    zero = trainer._zero_groups(trainer.model)
+    target = round(0.4 * groups.num_prunable)
+    assert abs(int(zero.sum()) - target) <= 1
+    report = trainer.oto_report
+    assert report.params_after == report.params_before - groups.removed_param_count(groups.feasible_removal(zero))
+    assert report.metrics["sparse"] == report.metrics["compressed"]
+    logged = [log for log in trainer.state.log_history if "group_sparsity" in log]
+    assert logged[-1]["group_sparsity"] == pytest.approx(int(zero.sum()) / groups.num_prunable)
+    assert logged[-1]["kept_params"] == report.params_after
+
+
+def _final_params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+
+
+def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
+    data = qa_data()
+    settings = dict(save_strategy="steps", save_steps=4, oto_check_compressed=False)
+    full = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "a", **settings), train_dataset=data)
+    full.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-4"
+    assert (checkpoint / "oto_state.json").is_file()
+
+    resumed = OTOTrainer(model=qa_model(seed=1), args=_oto_args(tmp_path / "b", **settings), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = _final_params(full), _final_params(resumed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert torch.equal(full._zero_groups(full.model), resumed._zero_groups(resumed.model))
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    data = qa_data()
+    first = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "a", save_strategy="steps", save_steps=4,
+                                                         oto_check_compressed=False), train_dataset=data)
+    first.train()
+    checkpoint = str(tmp_path / "a" / "out" / "checkpoint-4")
+    other = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "b", target_group_sparsity=0.2),
+                       train_dataset=data)
+    with pytest.raises(ValueError, match="another OTO configuration.*target_group_sparsity"):
+        other.train(resume_from_checkpoint=checkpoint)
+    assert other.state.global_step == 0 and _untouched(tmp_path / "b" / "out")
+    plain = tmp_path / "plain-checkpoint"
+    plain.mkdir()
+    with pytest.raises(ValueError, match="not written by OTOTrainer"):
+        OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "c"), train_dataset=data).train(
+            resume_from_checkpoint=str(plain))
