@@ -43,6 +43,7 @@ def test_mlp_iterates_stay_inside_every_set(structure):
     expected = {"prune": {"group_k_support"}, "low_rank": {"k_support_nuclear", "l2"},
                 "k_sparse": {"k_sparse", "l2"}, "l2": {"l2"}}[structure]
     assert names == expected
+    opt.make_feasible_()
     assert opt.contains()
     before = [p.detach().clone() for p in model.parameters()]
 
@@ -96,15 +97,18 @@ def test_step_is_momentum_lmo_and_gradient_rescaled_convex_combination():
     torch.testing.assert_close(q.detach(), torch.tensor([2.25, 0.5], dtype=torch.float64))
 
 
-def test_k_sparse_radius_keeps_the_l2_diameter_and_start_is_made_feasible():
+def test_k_sparse_radius_keeps_the_l2_diameter_and_the_first_step_makes_the_start_feasible():
     p = nn.Parameter(torch.ones(16))                  # norm 4
     opt = SFW([p], constraint="k_sparse", k=4, radius_factor=1.0)
     entry_bound = opt.param_groups[0]["radii"][0][0]
     assert entry_bound == pytest.approx(4.0 / math.sqrt(4))        # vertices have L2 norm 4
-    # ||p||_1 / K = 4 > 2: the start was scaled onto the polytope
+    assert torch.equal(p.detach(), torch.ones(16)) and not opt.contains()   # construction changes nothing
+    # ||p||_1 / K = 4 > 2: the step first scales the start onto the polytope
+    p.grad = torch.zeros(16)
+    opt.step()
     assert float(p.detach().abs().sum()) / 4 == pytest.approx(entry_bound) and opt.contains()
     big = nn.Parameter(torch.full((3,), 10.0))
-    SFW([big], radius=1.0)
+    SFW([big], radius=1.0).make_feasible_()
     assert float(big.detach().norm()) == pytest.approx(1.0)
 
 
@@ -152,6 +156,7 @@ def test_low_rank_steps_never_run_a_full_svd(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
     monkeypatch.setattr(torch.linalg, "svdvals", forbidden)
     monkeypatch.setattr(torch, "svd", forbidden)
+    # the first step checks the start's feasibility with a bound that needs no SVD here
     train_steps(model, opt, batches(3))
     sketches = [opt.state[p].get("sketch") for p in model.parameters() if p.dim() == 2]
     assert sum(s is not None for s in sketches) >= 2           # warm starts are kept per layer

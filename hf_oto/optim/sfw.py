@@ -227,9 +227,15 @@ class ConstraintSet:
         """Whether every block lies in its ball (up to ``rtol`` of its radius)."""
         return bool((self.gauge(tensors) <= self.radii * (1 + rtol) + 1e-12).all())
 
+    def surely_inside(self, tensors: Sequence[Tensor]) -> bool:
+        """A cheap sufficient test of membership (False: compute the gauge to know)."""
+        return False
+
     @torch.no_grad()
     def shift_inside_(self, tensors: Sequence[Tensor]) -> None:
         """Scale the blocks that lie outside onto the boundary (SFW needs a feasible start)."""
+        if self.surely_inside(tensors):
+            return
         g = self.gauge(tensors)
         factor = torch.where(g > self.radii, self.radii / g.clamp(min=1e-300), torch.ones_like(g))
         if (factor < 1).any():
@@ -338,6 +344,13 @@ class KSupportNuclearBall(_TensorwiseSet):
         x = tensors[0].double()
         mat = x.reshape(1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
         return k_support_norm(torch.linalg.svdvals(mat), self.k).reshape(1)
+
+    def surely_inside(self, tensors):
+        # Split the spectrum into ceil(rank / K) chunks of K values: gauge <= sqrt(chunks) * ||x||_F.
+        x = tensors[0]
+        rank = 1 if x.dim() <= 1 else min(x.shape[0], x[0].numel())
+        bound = math.sqrt(math.ceil(rank / self.k)) * float(torch.linalg.vector_norm(x.detach().double()))
+        return bound <= self.radius
 
 
 class GroupKSupportBall(ConstraintSet):
@@ -586,8 +599,9 @@ class SFW(torch.optim.Optimizer):
     ========================  ===================================================================
 
     tau is ``radius_factor`` times the block's L2 norm when the optimizer is built (1 if zero), or
-    ``radius`` if given. Parameters outside their set are scaled onto it at construction. Radii
-    are kept in the param groups (``"radii"``) so that ``state_dict`` round-trips them.
+    ``radius`` if given. Parameters outside their set are scaled onto it by the first step (or
+    :meth:`make_feasible_`). Radii are kept in the param groups (``"radii"``) so that
+    ``state_dict`` round-trips them; loading a state dict never rescales parameters.
 
     Args:
         params: tensors or param-group dicts (which may override any keyword below).
@@ -678,10 +692,20 @@ class SFW(torch.optim.Optimizer):
                     tau = float(stored[i][0])
                 sets.append((self._tensor_set(kind, p, tau, group, initial), [i]))
         if initial:
-            for s, idx in sets:
-                s.shift_inside_([params[i] for i in idx])
             group["radii"] = [s.radii.tolist() for s, _ in sets]
+            # Made feasible at the first step, not here: when resuming, the optimizer is built on
+            # trained weights and must not touch them before load_state_dict restores the radii.
+            group["feasible"] = False
         return sets
+
+    @torch.no_grad()
+    def make_feasible_(self) -> None:
+        """Scale parameters that lie outside their set onto it (done by the first :meth:`step`)."""
+        for group, sets in zip(self.param_groups, self._sets):
+            if not group.get("feasible", True):
+                for s, idx in sets:
+                    s.shift_inside_([group["params"][i] for i in idx])
+                group["feasible"] = True
 
     def _tensor_set(self, kind: str, p: Tensor, tau: float, group: dict[str, Any], initial: bool) -> ConstraintSet:
         if kind == "l2":
@@ -780,6 +804,7 @@ class SFW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.make_feasible_()
         sizes: list[float] = []
         for group, sets in zip(self.param_groups, self._sets):
             params: list[Tensor] = group["params"]
