@@ -148,3 +148,33 @@ def test_low_rank_structure_through_a_transformers_trainer_with_checkpoint_resum
     x = torch.randint(0, 120, (2, 10))
     assert torch.equal(small(input_ids=x).logits, again.eval()(input_ids=x).logits)
     assert os.path.isfile(tmp_path / "b" / "checkpoint-4" / "optimizer.pt")
+
+
+def test_per_layer_pruning_takes_the_same_share_of_every_layer():
+    from hf_oto.methods.sfw import smallest_groups_per_layer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)            # layer 0's neurons dwarf layer 2's in a global ranking
+    groups = find_groups(model, (torch.randn(2, 6),))
+    params = groups.parameters(model)
+    norms = groups.norms(params).detach()
+    mask = smallest_groups_per_layer(groups, params, 0.5)
+    for layer, n in (("0", 10), ("2", 8)):
+        members = [g.index for g in groups if g.prunable and f"{layer}.weight" in _rows_of(groups, g.index)]
+        assert len(members) == n
+        removed = [i for i in members if mask[i]]
+        assert len(removed) == n // 2
+        assert max(norms[removed]) <= min(norms[[i for i in members if not mask[i]]])
+    method = SFWMethod(prune_ratio=0.5, prune_scope="layer")
+    small = method.finalize(model, groups)
+    assert (small[0].out_features, small[2].out_features) == (5, 4)
+    # one global ranking empties layer 2 instead (one neuron is always kept)
+    assert hf_oto.compress(model, groups, ratio=0.5)[2].out_features == 1
+    with pytest.raises(ValueError, match="prune_scope"):
+        SFWMethod(prune_scope="block")
+
+
+def _rows_of(groups, index):
+    return {s.tensor for s in groups.slices if s.dim == 0 and bool((s.group == index).any())}

@@ -26,6 +26,9 @@ option                     default      meaning
 ``seed``                   ``0``        seed of the random sketches
 ``prune_ratio``            ``None``     at the end, remove this fraction of prunable groups
                                         (smallest norms); ``None``: only all-zero groups
+``prune_scope``            ``"global"`` ``"global"``: one ranking over the model
+                                        (``compress(ratio=...)``); ``"layer"``: the fraction
+                                        within each layer (:func:`smallest_groups_per_layer`)
 ``rank_ratio``             ``None``     at the end, remove this fraction of each eligible
                                         layer's rank (:func:`decompose_low_rank`)
 ``low_rank_include``       ``None``     regexes: layers ``rank_ratio`` applies to
@@ -63,6 +66,7 @@ class SFWOptions:
     oversample: int = 8
     seed: int = 0
     prune_ratio: float | None = None
+    prune_scope: str = "global"
     rank_ratio: float | None = None
     low_rank_include: list[str] | None = None
     low_rank_exclude: list[str] | None = None
@@ -83,6 +87,8 @@ class SFWOptions:
 
         if self.structure not in STRUCTURES:
             raise ValueError(f"unknown structure {self.structure!r}; choose from {STRUCTURES}")
+        if self.prune_scope not in ("global", "layer"):
+            raise ValueError(f"prune_scope must be 'global' or 'layer', got {self.prune_scope!r}")
         for name in ("prune_ratio", "rank_ratio"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -146,8 +152,11 @@ class SFWMethod(CompressionMethod):
         opts = self.options
         result = model
         if groups is not None:
-            ratio = opts.prune_ratio if opts.prune_ratio else None
-            result = compress(model, groups, ratio=ratio)
+            if opts.prune_ratio and opts.prune_scope == "layer":
+                remove = smallest_groups_per_layer(groups, groups.parameters(model), opts.prune_ratio)
+                result = compress(model, groups, remove=remove)
+            else:
+                result = compress(model, groups, ratio=opts.prune_ratio or None)
         elif opts.prune_ratio:
             raise ValueError("prune_ratio needs the model's zero-invariant groups")
         if opts.rank_ratio:
@@ -172,3 +181,40 @@ def group_energy_kept(model: nn.Module, groups: ZeroInvariantGroups, ratio: floa
         return 1.0
     drop = int(ratio * norms.numel())
     return 1.0 - float(norms.sort().values[:drop].sum() / norms.sum())
+
+
+@torch.no_grad()
+def smallest_groups_per_layer(groups: ZeroInvariantGroups, params, ratio: float) -> torch.Tensor:
+    """Mask of the ``ratio`` fraction of prunable groups with the smallest norms *in each layer*.
+
+    Layers are the blocks of the SFW group constraint (the module producing the structure, and its
+    kind). Unlike one global ranking, layers whose weights have different scales (a BatchNorm
+    network's convolutions) keep the same share of their groups. Pass the mask to
+    ``compress(model, groups, remove=mask)``.
+
+    Example:
+        >>> mask = smallest_groups_per_layer(groups, groups.parameters(model), 0.5)  # doctest: +SKIP
+        >>> small = compress(model, groups, remove=mask)                             # doctest: +SKIP
+    """
+    from ..optim.sfw import group_layers
+
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    keys: dict[tuple[str, str], int] = {}
+    block = torch.full((len(groups),), -1, dtype=torch.long)
+    for g, layer in zip(groups, group_layers(groups)):
+        if g.prunable:
+            block[g.index] = keys.setdefault((layer, g.kind), len(keys))
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    members = (block >= 0).nonzero().flatten()
+    if members.numel() == 0:
+        return mask
+    norms = groups.norms(params).detach().cpu()
+    order = members[torch.argsort(norms[members], stable=True)]           # smallest first
+    order = order[torch.argsort(block[order], stable=True)]               # then by layer
+    sizes = torch.bincount(block[members], minlength=len(keys))
+    start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    rank = torch.arange(order.numel()) - start[block[order]]
+    cut = (sizes.double() * ratio).long()                                 # int(ratio * n) per layer
+    mask[order[rank < cut[block[order]]]] = True
+    return mask

@@ -242,14 +242,18 @@ class ConstraintSet:
             for i, t in enumerate(tensors):
                 t.mul_(self.expand(factor, i, t))
 
+    def lmo_and_block_sq(self, m: Sequence[Tensor], state: list[dict] | None) -> tuple[list[Tensor], Tensor]:
+        """The LMO and the blocks' squared norms of ``m`` (sets that need both share the work)."""
+        return self.lmo(m, state), self.block_sq(m)
+
     @torch.no_grad()
     def update_(self, params: Sequence[Tensor], moms: Sequence[Tensor], lr: float, rescale: str | None,
                 state: list[dict]) -> Tensor:
         """One Frank-Wolfe step in place; returns the step size of every block."""
-        v = self.lmo(moms, state)
+        v, m_sq = self.lmo_and_block_sq(moms, state)
         diff = [vi.sub_(x) for vi, x in zip(v, params)]                # v - x, reusing v's memory
         if rescale == "gradient":
-            m_norm = self.block_sq(moms).sqrt()
+            m_norm = m_sq.sqrt()
             d_norm = self.block_sq(diff).sqrt()
             eta = torch.where(d_norm > 0, lr * m_norm / d_norm.clamp(min=1e-300), torch.zeros_like(d_norm))
         else:
@@ -274,7 +278,8 @@ class _TensorwiseSet(ConstraintSet):
 
     @torch.no_grad()
     def block_sq(self, tensors: Sequence[Tensor]) -> Tensor:
-        return torch.linalg.vector_norm(tensors[0].double()).square().reshape(1)
+        t = tensors[0]
+        return torch.linalg.vector_norm(t.to(torch.promote_types(t.dtype, torch.float32))).double().square().reshape(1)
 
     def expand(self, values: Tensor, i: int, like: Tensor) -> Tensor:
         return values.to(device=like.device, dtype=like.dtype).reshape(())
@@ -399,7 +404,7 @@ class GroupKSupportBall(ConstraintSet):
         # Blocks of prunable groups: one per (layer, kind).
         keys: dict[tuple[str, str], int] = {}
         block = torch.full((self.num_groups,), -1, dtype=torch.long)
-        for g, layer in zip(groups, _owner_layers(groups)):
+        for g, layer in zip(groups, group_layers(groups)):
             if g.prunable:
                 block[g.index] = keys.setdefault((layer, g.kind), len(keys))
         self.block_names = [f"{layer or '<model>'}:{kind}" for layer, kind in keys]
@@ -488,7 +493,9 @@ class GroupKSupportBall(ConstraintSet):
 
     @torch.no_grad()
     def block_sq(self, tensors):
-        per_group, rest = self._sq_parts(tensors)
+        return self._block_sums(*self._sq_parts(tensors))
+
+    def _block_sums(self, per_group: Tensor, rest: Tensor) -> Tensor:
         blocks = torch.zeros(self.num_group_blocks, dtype=torch.float64, device=per_group.device)
         sel = self.group_block.to(per_group.device)
         mask = sel >= 0
@@ -530,7 +537,14 @@ class GroupKSupportBall(ConstraintSet):
 
     @torch.no_grad()
     def lmo(self, m, state=None):
+        return self._lmo(m, *self._sq_parts(m))
+
+    @torch.no_grad()
+    def lmo_and_block_sq(self, m, state=None):
         per_group, rest = self._sq_parts(m)
+        return self._lmo(m, per_group, rest), self._block_sums(per_group, rest)
+
+    def _lmo(self, m: Sequence[Tensor], per_group: Tensor, rest: Tensor) -> list[Tensor]:
         device = per_group.device
         chosen = self.select_top_k(per_group)
         blocks = self.group_block.to(device)
@@ -562,7 +576,7 @@ class GroupKSupportBall(ConstraintSet):
         return self._sq_parts(tensors)[0].sqrt()
 
 
-def _owner_layers(groups: ZeroInvariantGroups) -> list[str]:
+def group_layers(groups: ZeroInvariantGroups) -> list[str]:
     """Per group, the module of the tensor it touches on the lowest dim (first in order on ties).
 
     That is the layer producing the structure (the Linear or conv whose output rows it owns), so a
@@ -579,7 +593,7 @@ def _owner_layers(groups: ZeroInvariantGroups) -> list[str]:
 
 
 def _block_keys(groups: ZeroInvariantGroups) -> set[tuple[str, str]]:
-    return {(layer, g.kind) for g, layer in zip(groups, _owner_layers(groups)) if g.prunable}
+    return {(layer, g.kind) for g, layer in zip(groups, group_layers(groups)) if g.prunable}
 
 
 # -- the optimizer ---------------------------------------------------------------------------
