@@ -9,9 +9,10 @@ The matrix is BERT-base's FFN size. Times (median of repeated runs, after warm-u
 * ``LMO cold``: the first call (8 iterations from a random sketch), once per layer;
 * ``SFW step``: the oracle plus momentum, step-size rescaling and the update.
 
-The target: warm LMO < 5x the (default) AdamW step.
+The target: warm LMO < 5x the (default) AdamW step. On a shared machine, ``--threads 1 --clock
+cpu`` (CPU time of one thread) is the steadiest measure; wall time swings with other jobs.
 
-    python bench/sfw_oracle_speed.py [--k 0.1 0.3] [--repeats 20]
+    python bench/sfw_oracle_speed.py [--k 0.1 0.3] [--repeats 20] [--threads 1 --clock cpu]
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
+CLOCK = time.perf_counter
+
+
 def clock(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def main() -> None:
@@ -46,10 +50,14 @@ def main() -> None:
     parser.add_argument("--k", type=float, nargs="*", default=[0.1, 0.3], help="rank fractions K / 768")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time, steadier than wall time on a busy machine")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{ROWS}x{COLS}, {args.threads} threads; medians of {args.repeats} interleaved runs "
+    print(f"{ROWS}x{COLS}, {args.threads} threads, {args.clock} time; medians of {args.repeats} interleaved runs "
           "(each ratio is the median of per-round ratios, so machine load cancels out)")
     header = (f"{'K':>5} {'AdamW ms':>9} {'fused ms':>9} {'LMO warm ms':>12} {'LMO/AdamW':>10} {'LMO/fused':>10} "
               f"{'SFW step ms':>12} {'step/AdamW':>11} {'LMO cold ms':>12}")

@@ -106,7 +106,7 @@ class SFWMethod(CompressionMethod):
     Example:
         >>> method = SFWMethod(structure="prune", lr=0.5, prune_ratio=0.5)        # doctest: +SKIP
         >>> opt = method.create_optimizer(model, groups, TrainingSettings(learning_rate=0.5))  # doctest: +SKIP
-        >>> ...  # train with opt
+        >>> train(model, opt)                                                      # doctest: +SKIP
         >>> small = method.finalize(model, groups)                                 # doctest: +SKIP
     """
 

@@ -46,6 +46,12 @@ from torch import Tensor, nn
 
 from ..groups import ZeroInvariantGroups
 
+__all__ = [
+    "SFW", "ConstraintSet", "L2Ball", "KSparsePolytope", "GroupKSupportBall", "KSupportNuclearBall",
+    "lmo_l2", "lmo_k_sparse", "lmo_k_support_nuclear", "k_support_norm", "group_layers", "CONSTRAINTS",
+    "STRUCTURES",
+]
+
 #: Constraint names accepted by :class:`SFW` (``constraint=`` or a param group's ``"constraint"``).
 CONSTRAINTS = ("l2", "k_sparse", "group_k_support", "k_support_nuclear")
 #: Model-wide recipes of :meth:`SFW.from_model`.
@@ -88,6 +94,10 @@ def k_support_norm(x: Tensor, k: int) -> Tensor:
 
     Its unit ball is the convex hull of the K-sparse vectors of L2 norm <= 1: it equals the L1
     norm for K = 1 and the L2 norm for K >= len(x).
+
+    Example:
+        >>> float(k_support_norm(torch.tensor([3.0, 4.0, 0.0]), 1)), float(k_support_norm(torch.tensor([3.0, 4.0]), 2))
+        (7.0, 5.0)
     """
     z = x.detach().abs().flatten().double().sort(descending=True).values
     d = z.numel()
@@ -112,7 +122,12 @@ def k_support_norm(x: Tensor, k: int) -> Tensor:
 # -- linear minimisation oracles (pure functions) ----------------------------------------------
 
 def lmo_l2(m: Tensor, radius: float) -> Tensor:
-    """argmin of <m, v> over the L2 ball of ``radius``: ``-radius * m / ||m||`` (0 if m = 0)."""
+    """argmin of <m, v> over the L2 ball of ``radius``: ``-radius * m / ||m||`` (0 if m = 0).
+
+    Example:
+        >>> lmo_l2(torch.tensor([3.0, 4.0]), 10.0)
+        tensor([-6., -8.])
+    """
     norm = torch.linalg.vector_norm(m.float())
     if norm == 0:
         return torch.zeros_like(m)
@@ -123,6 +138,10 @@ def lmo_k_sparse(m: Tensor, k: int, radius: float) -> Tensor:
     """argmin over the K-sparse polytope conv{K-sparse v, entries in [-radius, radius]}.
 
     ``-radius * sign(m)`` on the K entries of largest ``|m|``, 0 elsewhere.
+
+    Example:
+        >>> lmo_k_sparse(torch.tensor([0.5, -3.0, 1.0, 0.1]), 2, 2.0)
+        tensor([ 0.,  2., -2.,  0.])
     """
     flat = m.flatten()
     k = max(1, min(int(k), flat.numel()))
@@ -154,6 +173,13 @@ def lmo_k_support_nuclear(
     is converged (checked against a full SVD in the tests).
 
     Returns ``(v, sketch)``; pass the sketch back on the next call.
+
+    Example:
+        >>> m = torch.randn(64, 256)
+        >>> v, sketch = lmo_k_support_nuclear(m, k=4, radius=1.0)      # cold start
+        >>> torch.linalg.matrix_rank(v).item(), round(float(v.norm()), 4)
+        (4, 1.0)
+        >>> v, sketch = lmo_k_support_nuclear(m + 0.01 * torch.randn(64, 256), 4, 1.0, sketch)  # warm
     """
     mat = m.reshape(m.shape[0], -1) if m.dim() != 1 else m.reshape(1, -1)
     rows, cols = mat.shape
@@ -180,12 +206,14 @@ def lmo_k_support_nuclear(
     top = evecs[:, -k:].to(compute.dtype)
     norm = float(evals[-k:].clamp(min=0).sum().sqrt())
     if norm == 0.0:
-        return torch.zeros_like(m), sketch.contiguous()
-    v = (basis @ top) @ (top.t() @ proj)                                # projection of a on top-K
+        return torch.zeros_like(m), sketch
+    # The projection of a on the top-K space, (basis top)(top^T basis^T a), grouped so that the only
+    # large product is (r x q) @ (q x c).
+    v = (basis @ (top @ top.t())) @ proj
     v.mul_(-radius / norm)
     if transposed:
         v = v.t()
-    return v.reshape(m.shape).to(m.dtype), sketch.contiguous()
+    return v.reshape(m.shape).to(m.dtype), sketch
 
 
 # -- constraint sets -----------------------------------------------------------------------------
@@ -381,7 +409,14 @@ class GroupKSupportBall(ConstraintSet):
         groups: the model's groups; tensors are passed in ``groups.param_names`` order.
         shapes: the shapes of those tensors.
         k: per block, an int count or a float fraction of its groups.
-        radii: per block (group blocks, then one rest block per tensor); see :meth:`init_radii`.
+        radii: per block (group blocks, then one rest block per tensor); :meth:`from_params`
+            sets them from the tensors' norms.
+
+    Example:
+        >>> params = groups.parameters(model)                                    # doctest: +SKIP
+        >>> ball = GroupKSupportBall.from_params(groups, params, k=0.3, radius_factor=2.0)  # doctest: +SKIP
+        >>> v = ball.lmo([p.grad for p in params])     # K groups per layer, norm = radius  # doctest: +SKIP
+        >>> ball.contains(params), ball.block_names[:2]                          # doctest: +SKIP
     """
 
     name = "group_k_support"
@@ -415,13 +450,14 @@ class GroupKSupportBall(ConstraintSet):
         self.block_start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
 
         # Per tensor: the dims prunable groups touch, in ownership order (lowest dim first).
+        per_tensor: list[list] = [[] for _ in groups.param_names]
+        for j, s in groups._param_slices:
+            per_tensor[j].append(s)
         self._slices: list[list[dict[str, Tensor | int]]] = []
         for i, name in enumerate(groups.param_names):
             ndim = len(self.shapes[i])
             by_dim: dict[int, Tensor] = {}
-            for j, s in groups._param_slices:
-                if j != i:
-                    continue
+            for s in per_tensor[i]:
                 keep = prunable[s.group]
                 if not keep.any():
                     continue
@@ -478,14 +514,15 @@ class GroupKSupportBall(ConstraintSet):
         per_group = torch.zeros(self.num_groups, dtype=torch.float64, device=device)
         rest = torch.zeros(len(tensors), dtype=torch.float64, device=device)
         for i, (t, entries) in enumerate(zip(tensors, self._on(device))):
-            sq = t.to(torch.promote_types(t.dtype, torch.float32)).square()
+            x = t.to(torch.promote_types(t.dtype, torch.float32))
             if not entries:
-                rest[i] = sq.sum(dtype=torch.float64)
+                rest[i] = torch.linalg.vector_norm(x).double().square()
                 continue
             for e in entries:
-                masked = sq if e["prior"] is None else sq * e["prior"]
+                masked = x if e["prior"] is None else x * e["prior"]
                 other = [d for d in range(t.dim()) if d != e["dim"]]
-                red = masked.sum(dim=other, dtype=torch.float64) if other else masked.double()
+                # Norms per position, then float64: the rest below is a difference of sums.
+                red = (torch.linalg.vector_norm(masked, 2, dim=other) if other else masked.abs()).double().square()
                 per_group.index_add_(0, e["gid"], red[e["pos"]])
             # The rest lies in the last slice's region minus its owned positions.
             rest[i] = red.sum() - red[e["pos"]].sum()
@@ -837,7 +874,7 @@ class SFW(torch.optim.Optimizer):
                     elif p.grad is None:     # unused this step inside a multi-tensor set
                         buf.mul_(beta)
                     else:
-                        buf.mul_(beta).add_(p.grad, alpha=1 - beta)
+                        buf.lerp_(p.grad, 1 - beta)
                     moms.append(buf)
                 eta = s.update_(members, moms, group["lr"], group["rescale"], [self.state[p] for p in members])
                 sizes.append(float(eta.mean()))
