@@ -16,7 +16,7 @@ option                     default      meaning
                                         nuclear balls), ``"k_sparse"`` or ``"l2"``; see
                                         :meth:`hf_oto.optim.sfw.SFW.from_model`
 ``lr``                     ``None``     SFW step scale; ``None`` takes the trainer's
-                                        ``learning_rate`` (SFW wants ~0.05-1, not Adam's 5e-5)
+                                        ``learning_rate`` (SFW wants ~0.05-3, not Adam's 5e-5)
 ``momentum``               ``0.9``      exponential-average momentum
 ``k``                      ``0.3``      groups (per layer) / rank fraction of the atoms
 ``radius_factor``          ``10.0``     radius = factor x the layer's norm when training starts
@@ -129,7 +129,7 @@ class SFWMethod(CompressionMethod):
         lr = opts.lr if opts.lr is not None else settings.learning_rate
         if lr < 1e-3:
             warnings.warn(f"SFW lr={lr} is tiny: SFW's step is lr * ||momentum|| and stays inside the constraint "
-                          "set; typical values are 0.05-1 (set oto_method_kwargs={'lr': ...})", stacklevel=2)
+                          "set; typical values are 0.05-3 (set oto_method_kwargs={'lr': ...})", stacklevel=2)
         self.optimizer = SFW.from_model(model, groups, structure=opts.structure, lr=lr, momentum=opts.momentum,
                                         k=opts.k, radius_factor=opts.radius_factor, rescale=opts.rescale,
                                         power_iterations=opts.power_iterations, oversample=opts.oversample,
