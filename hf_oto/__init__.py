@@ -1,6 +1,6 @@
 """hf_oto: Only-Train-Once structured pruning for Hugging Face Transformers."""
 
-from .compress import CompressionError, compress, from_pretrained, save_pretrained
+from .compress import CompressionError, compress, decompose_low_rank, from_pretrained, save_pretrained
 from .graph import GroupConfig, find_groups
 from .groups import ZeroInvariantGroup, ZeroInvariantGroups
 from .trainer import OTOTrainer
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "find_groups",
     "compress",
+    "decompose_low_rank",
     "from_pretrained",
     "save_pretrained",
     "CompressionError",

@@ -302,3 +302,19 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not written by OTOTrainer"):
         OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "c"), train_dataset=data).train(
             resume_from_checkpoint=str(plain))
+
+
+@pytest.mark.parametrize("options", [{"structure": "prune", "prune_ratio": 0.3},
+                                     {"structure": "low_rank", "rank_ratio": 0.5}])
+def test_sfw_through_the_trainer(tmp_path, options):
+    data = classification_data()
+    trainer = OTOTrainer(model=classifier(), args=_oto_args(tmp_path, "sfw", oto_method_kwargs=options,
+                                                            learning_rate=0.5),
+                         train_dataset=data, eval_dataset=data)
+    trainer.train()
+    report = trainer.oto_report
+    assert report.params_after < report.params_before and not report.exact
+    folder = trainer.save_compressed()
+    again = hf_oto.from_pretrained(folder)
+    inputs = trainer._oto_inputs
+    assert max_relative_difference(_run(trainer.compressed_model, inputs), _run(again, inputs)) == 0

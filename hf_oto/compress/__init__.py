@@ -1,6 +1,7 @@
 """Building, saving and loading the compressed model."""
 
 from .core import CompressionError, compress
+from .lowrank import decompose_low_rank
 from .saving import from_pretrained, save_pretrained
 
-__all__ = ["compress", "CompressionError", "from_pretrained", "save_pretrained"]
+__all__ = ["compress", "CompressionError", "decompose_low_rank", "from_pretrained", "save_pretrained"]

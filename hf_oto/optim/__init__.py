@@ -5,3 +5,4 @@ from .dhspg import DHSPG
 from .factory import OTOOptimizerFactory, create_oto_optimizer
 from .hesso import HESSO
 from .hspg import HSPG
+from .sfw import SFW
