@@ -169,7 +169,13 @@ class OPQLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cache = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        # model.half() / .to(dtype) casts the bias and codebook: compute in the new dtype too.
+        if self.bias is not None:
+            self.weight_dtype = str(self.bias.dtype).removeprefix("torch.")
+        elif self.codebook.dtype != torch.float32:
+            self.weight_dtype = str(self.codebook.dtype).removeprefix("torch.")
+        return out
 
     def __getstate__(self):
         state = super().__getstate__()

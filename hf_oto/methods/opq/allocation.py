@@ -85,7 +85,13 @@ CHANNEL_DIM = {"linear": 0, "conv1d_hf": 1, "conv": 0, "embedding": 0}
 
 
 def quantizable_layers(model: nn.Module, config: OPQConfig) -> tuple[list[tuple[str, nn.Module, str]], dict[str, str]]:
-    """The layers OPQ will quantize, ``(name, module, kind)``, and the skipped ones with reasons."""
+    """The layers OPQ will quantize, ``(name, module, kind)``, and the skipped ones with reasons.
+
+    Example:
+        >>> layers, skipped = quantizable_layers(gpt2, OPQConfig())    # doctest: +SKIP
+        >>> skipped["lm_head"]                                         # doctest: +SKIP
+        'weight shared with transformer.wte.weight (tied weights are not quantized)'
+    """
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -94,8 +100,12 @@ def quantizable_layers(model: nn.Module, config: OPQConfig) -> tuple[list[tuple[
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if kind is None:
-            if type(module).__name__.startswith("Parametrized") and hasattr(module, "parametrizations"):
-                raise ValueError(f"module {name!r} already has parametrizations (OPQ prepared twice?)")
+            plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+            if plist is not None and any(type(p).__name__ == "OPQQuantizer" for p in plist):
+                raise ValueError(f"module {name!r} already has an OPQ quantizer: allocate on the model "
+                                 "before attach_quantizers")
+            if plist is not None:
+                skipped[name] = "its weight is parametrized"
             continue
         if _CATEGORY[kind] not in config.layer_types:
             continue

@@ -144,7 +144,13 @@ def compression_report(model: nn.Module) -> dict[str, Any]:
 
 def safetensors_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of every tensor in a ``.safetensors`` file (or in ``model.safetensors`` of a folder),
-    read from the file header: what the tensors really occupy on disk."""
+    read from the file header: what the tensors really occupy on disk.
+
+    Example:
+        >>> sizes = safetensors_tensor_bytes("out/")                          # doctest: +SKIP
+        >>> sizes["bert.encoder.layer.0.attention.self.query.codes"]          # doctest: +SKIP
+        73728
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")

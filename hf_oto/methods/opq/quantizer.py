@@ -177,7 +177,13 @@ def attach_quantizers(model: nn.Module, allocation) -> nn.Module:
 
 
 def quantization_stats(model: nn.Module) -> dict[str, float]:
-    """Bits per weight, compression rate and pruning ratio of the attached quantizers."""
+    """Bits per weight, compression rate and pruning ratio of the attached quantizers (what the
+    exported model will store; the ``metrics`` of :class:`OPQMethod`).
+
+    Example:
+        >>> quantization_stats(attach_quantizers(model, alloc))["opq_compression_rate"]  # doctest: +SKIP
+        8.0
+    """
     numel = bits = kept = 0
     for _, module, q in quantized_modules(model):
         n = q.mask.numel()

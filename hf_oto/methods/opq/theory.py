@@ -138,8 +138,10 @@ def quantization_error(family: str, t, step, bits: int) -> torch.Tensor:
     starting at ``t`` (see the module doc). ``t`` and ``step`` broadcast.
 
     Example:
-        >>> e = quantization_error("laplace", 0.0, 0.05, 8)   # fine steps: close to step^2 / 12
-        >>> abs(float(e) / (0.05 ** 2 / 12) - 1) < 0.01
+        >>> e = quantization_error("laplace", 0.0, 0.05, 12)  # fine steps, no clipping: step^2 / 12
+        >>> abs(float(e) / (0.05 ** 2 / 12) - 1) < 0.001
+        True
+        >>> float(quantization_error("laplace", 0.0, 0.05, 8)) > 10 * 0.05 ** 2 / 12   # clipped at 6.4
         True
     """
     _check_family(family)
