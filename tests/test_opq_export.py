@@ -144,7 +144,8 @@ def saved_transformers(tmp_path_factory):
     cases = {}
     for name in ("bert-seq-cls", "gpt2", "llama-gqa"):
         model, inputs = build(name)
-        small = quantize(model, target_rate=8.0, distribution="auto").eval()
+        kinds = ("linear", "embedding") if name == "bert-seq-cls" else ("linear",)
+        small = quantize(model, target_rate=8.0, distribution="auto", layer_types=kinds).eval()
         cases[name] = (small, inputs)
     model, inputs = build("bert-qa")
     groups = find_groups(model, inputs)
@@ -166,6 +167,7 @@ def test_saved_tensors_are_compact(saved_transformers):
                   if k.startswith("bert.encoder.layer.0.attention.self.query.")}
     assert dtypes["codes"] == "U8" and dtypes["codebook"] == "F32" and dtypes["scales"] == "F16"
     assert dtypes.get("mask", "U8") == "U8" and "weight" not in dtypes
+    assert isinstance(cases["bert-seq-cls"][0].bert.embeddings.word_embeddings, OPQLayer)
     config = json.loads((root / "bert-qa-structured" / "config.json").read_text())
     manifest = config["hf_oto_manifest"]
     # OPQ layers replace the structurally resized linears and carry their pruned shapes.

@@ -21,7 +21,6 @@ only ``torch``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,6 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -91,14 +101,14 @@ class OPQLayer(nn.Module):
         super().__init__()
         if not 1 <= bits <= 8:
             raise ValueError(f"bits must be in [1, 8], got {bits}")
-        numel = math.prod(weight_shape)
+        numel = _numel(weight_shape)
         self.weight_shape = [int(s) for s in weight_shape]
         self.bits = int(bits)
         self.num_kept = int(num_kept)
         self.has_mask = bool(has_mask)
         self.weight_dtype = weight_dtype
-        self.register_buffer("codes", torch.zeros(math.ceil(self.num_kept * self.bits / 8), dtype=torch.uint8))
-        self.register_buffer("mask", torch.zeros(math.ceil(numel / 8) if has_mask else 0, dtype=torch.uint8))
+        self.register_buffer("codes", torch.zeros(_ceil_div(self.num_kept * self.bits, 8), dtype=torch.uint8))
+        self.register_buffer("mask", torch.zeros(_ceil_div(numel, 8) if has_mask else 0, dtype=torch.uint8))
         self.register_buffer("codebook", torch.zeros(2 ** self.bits, dtype=torch.float32))
         self.register_buffer("scales", torch.zeros(num_scales, dtype=_SCALE_DTYPES[scale_dtype]))
         self.register_buffer("outlier_index", torch.zeros(num_outliers, dtype=torch.int32))
@@ -134,7 +144,7 @@ class OPQLayer(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
     def kept_mask(self) -> torch.Tensor:
         """Boolean mask of the kept weights, in the weight's shape."""
-        numel = math.prod(self.weight_shape)
+        numel = _numel(self.weight_shape)
         if not self.has_mask:
             return torch.ones(self.weight_shape, dtype=torch.bool, device=self.codes.device)
         return unpack_bits(self.mask, 1, numel).bool().view(self.weight_shape)
@@ -186,13 +196,13 @@ class OPQLayer(nn.Module):
         """Bits of the quantized weight as defined by the compression rate: mask + codes + scales +
         codebook + outliers (the byte padding of each packed tensor excluded; the bias is not a
         weight)."""
-        numel = math.prod(self.weight_shape)
+        numel = _numel(self.weight_shape)
         return ((numel if self.has_mask else 0) + self.num_kept * self.bits
                 + self.scales.numel() * self.scales.element_size() * 8 + self.codebook.numel() * 32
                 + self.outlier_index.numel() * 48)
 
     def extra_repr(self) -> str:
-        numel = math.prod(self.weight_shape)
+        numel = _numel(self.weight_shape)
         return (f"weight_shape={tuple(self.weight_shape)}, bits={self.bits}, "
                 f"kept={self.num_kept}/{numel}, bits_per_weight={self.storage_bits() / numel:.3f}")
 

@@ -32,8 +32,10 @@ over its threshold ``t`` and width ``b``. For each ``b`` the threshold has the c
 with ``lam``, so bisection on ``log lam`` finds the multiplier where they cross the budget.
 Because widths are integers the total jumps there, where a layer (or several equal ones) changes
 candidate: those layers switch one by one while the budget allows, then the single layer whose
-masked candidate (any width) spending exactly the bits left lowers the error most takes it. The requested rate is thus met up to rounding to whole weights. No data, no iteration over
-allocations: one scalar root find plus closed forms.
+masked candidate (any width) spending exactly the bits left lowers the error most takes it (if
+every such candidate raises the error, it is used only when the rate would otherwise be more than
+0.5% above the target). The requested rate is thus met within 0.5%, usually up to rounding to
+whole weights. No data, no iteration over allocations: one scalar root find plus closed forms.
 
 Layers with larger weights (larger ``sigma2``) get more bits and less pruning: the multiplier
 equalises the marginal error per bit across layers.
@@ -501,8 +503,10 @@ def _lagrangian(stats: _Stats, widths: list[int], budget: float, config: OPQConf
     if config.prune and left > 0:
         fills = [(j, _fill(stats, j, float(cost[j]) + left, widths, config)) for j in range(len(choice))]
         fills = [(float(sse[j]) - f[1], j, f) for j, f in fills if f is not None]
-        if fills:
-            _, j, (c, e, tj) = max(fills, key=lambda x: x[0])
+        gain, j, (c, e, tj) = max(fills, key=lambda x: x[0]) if fills else (0.0, -1, (None, 0.0, None))
+        # Spending the last bits can raise the error (a layer without mask would have to start
+        # pruning); then keep the cheaper allocation unless it misses the rate by over 0.5%.
+        if j >= 0 and (gain >= 0 or left > 0.005 * budget):
             choice[j], sse[j], t[j] = c, e, tj
     return choice, sse, t, lam_hi
 
