@@ -17,7 +17,7 @@ fine-tuning (distillation to the fp32 embeddings on other generated sentences, m
 codebooks fixed), and structured pruning (20% of heads and FFN neurons, smallest norms, no
 fine-tuning) followed by OPQ.
 
-    python bench/opq.py                 # full table (about 15 minutes on 2 busy CPU cores)
+    python bench/opq.py                 # full table (5-16 minutes on 2 CPU cores)
     python bench/opq.py --rates 8 --finetune-steps 0 --skip-structured
 """
 
