@@ -84,7 +84,7 @@ def agreement(ref: torch.Tensor, emb: torch.Tensor) -> dict[str, float]:
     return {"cos": float(cos), "nn@1": float((nn_ref == nn_q).float().mean()), "rank": float(spearman)}
 
 
-def disk_bytes(model) -> int:
+def disk_bytes(model) -> tuple[int, dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         return os.path.getsize(os.path.join(tmp, "model.safetensors")), safetensors_tensor_bytes(tmp)

@@ -1,6 +1,7 @@
 """OPQ allocation: the requested rate is met, as counted in the exported bytes, and bits go where
 the closed forms say."""
 
+import json
 import math
 
 import pytest
@@ -146,7 +147,7 @@ def test_outliers_are_counted_and_kept_exactly():
 
 def test_allocation_serialises_to_json():
     alloc = allocate(Tower(), target_rate=9.0, distribution="auto", exclude=("layers.0",))
-    again = OPQAllocation.from_dict(__import__("json").loads(alloc.to_json()))
+    again = OPQAllocation.from_dict(json.loads(alloc.to_json()))
     assert again.to_dict() == alloc.to_dict()
     assert again.compression_rate == alloc.compression_rate
     assert "layers.0" in alloc.skipped and "layers.0" not in {layer.name for layer in alloc}
