@@ -42,6 +42,7 @@ class CompressionReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {metric: value}
     settings: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    quantization: dict[str, Any] = field(default_factory=dict)  # OPQ post-step: rate, bits/weight, bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +123,9 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
     if report.latency_before_s and report.latency_after_s:
         lines.append(f"| CPU latency | {report.latency_before_s * 1000:.1f} ms | {report.latency_after_s * 1000:.1f} ms "
                      f"| {_ratio(report.latency_before_s, report.latency_after_s)} |")
+    if report.quantization:
+        lines.append(f"| weights (OPQ) | 32 bits | {report.quantization.get('bits_per_weight', 0):.2f} bits | "
+                     f"{report.quantization.get('compression_rate', 0):.2f}x |")
     if report.layers:
         lines += ["", "## What was removed", "", "| layer | kind | groups | removed | kept |",
                   "| --- | --- | ---: | ---: | ---: |"]

@@ -98,14 +98,12 @@ class OTOTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
         if not self._oto_ready:
-            self._oto_setup()
-        if resume_from_checkpoint:
-            self._oto_check_checkpoint(resume_from_checkpoint)
+            self._oto_setup(resume_from_checkpoint or None)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         self._oto_finish()
         return result
 
-    def _oto_setup(self) -> None:
+    def _oto_setup(self, checkpoint: str | None = None) -> None:
         if self.train_dataset is None:
             raise ValueError("OTOTrainer.train needs a train_dataset")
         batch = self._first_batch()
@@ -121,6 +119,10 @@ class OTOTrainer(Trainer):
             self._oto_dense = {"params": num_parameters(model), "flops": self._oto_estimator.total_flops}
         else:
             self._oto_dense = {"params": num_parameters(model), "flops": count_flops(model, inputs)}
+        if checkpoint:
+            # The method's state (e.g. OPQ's allocation) must be back before prepare() rebuilds the
+            # layers that the checkpoint's weights belong to.
+            self._oto_check_checkpoint(checkpoint)
         prepared = self.oto_method.prepare(model, self.oto_groups)
         if prepared is not model:
             self.model = self.model_wrapped = prepared
@@ -290,7 +292,25 @@ class OTOTrainer(Trainer):
         self.oto_report = report
         if self.eval_dataset is not None and self.args.oto_check_compressed:
             self._check_compressed_metrics()
+        if self.args.oto_post_quantize is not None:
+            self._post_quantize(inputs)
         self.log({"compressed_params": report.params_after, "compressed_flops": report.flops_after})
+
+    def _post_quantize(self, inputs: Any) -> None:
+        """One-shot pruning-quantization (OPQ) of the compressed model, as a last step."""
+        from .methods.opq import compression_report, quantize
+
+        quantized = quantize(self.compressed_model, **self.args.oto_post_quantize)
+        stats = compression_report(quantized)
+        self.oto_report.quantization = {k: stats[k] for k in ("compression_rate", "bits_per_weight", "bytes")
+                                        if k in stats}
+        self.oto_report.exact = False
+        if self.eval_dataset is not None and self.args.oto_check_compressed:
+            self.compressed_model = quantized
+            metrics = self.evaluate_compressed(metric_key_prefix="eval")
+            self.oto_report.metrics["quantized"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                                                    and not k.endswith(("runtime", "per_second", "epoch"))}
+        self.compressed_model = quantized
 
     def evaluate_compressed(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate the compressed model with this trainer's data, collator and metrics."""

@@ -54,6 +54,10 @@ class OTOTrainingArguments(TrainingArguments):
                           "torch-saved dict of tensors."})
     oto_method_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Extra options of the method, as a JSON object."})
+    oto_post_quantize: dict | str | None = field(
+        default=None,
+        metadata={"help": "After compression, quantize with one-shot pruning-quantization (OPQ); a JSON object of "
+                          "OPQConfig options such as {\"target_rate\": 8}."})
     oto_compressed_dir: str = field(
         default="compressed", metadata={"help": "Folder, under output_dir, for the compressed model and its card."})
     oto_check_compressed: bool = field(
@@ -63,7 +67,7 @@ class OTOTrainingArguments(TrainingArguments):
     oto_measure_latency: bool = field(
         default=True, metadata={"help": "Measure CPU latency before and after compression for the model card."})
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["oto_method_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["oto_method_kwargs", "oto_post_quantize"]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +75,12 @@ class OTOTrainingArguments(TrainingArguments):
             self.oto_method_kwargs = {}
         if not isinstance(self.oto_method_kwargs, dict):
             raise ValueError(f"oto_method_kwargs must be a JSON object, got {self.oto_method_kwargs!r}")
+        if self.oto_post_quantize is not None:
+            if not isinstance(self.oto_post_quantize, dict):
+                raise ValueError(f"oto_post_quantize must be a JSON object, got {self.oto_post_quantize!r}")
+            from .methods.opq import OPQConfig
+
+            OPQConfig.from_dict(self.oto_post_quantize)  # unknown or invalid options fail here
         if not 0.0 <= self.target_group_sparsity < 1.0:
             raise ValueError(f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}")
         if self.oto_variant not in ("sgd", "adam", "adamw"):

@@ -318,3 +318,39 @@ def test_sfw_through_the_trainer(tmp_path, options):
     again = hf_oto.from_pretrained(folder)
     inputs = trainer._oto_inputs
     assert max_relative_difference(_run(trainer.compressed_model, inputs), _run(again, inputs)) == 0
+
+
+def test_opq_method_trains_exports_and_resumes(tmp_path):
+    data = classification_data()
+    settings = dict(oto_method_kwargs={"target_rate": 6.0}, save_strategy="steps", save_steps=4)
+    full = OTOTrainer(model=classifier(), args=_oto_args(tmp_path / "a", "opq", **settings),
+                      train_dataset=data, eval_dataset=data)
+    full.train()  # the exported model's metrics must equal the fine-tuned quantized model's
+    assert full.oto_groups is None  # OPQ works per layer, not on zero-invariant groups
+    folder = full.save_compressed()
+    again = hf_oto.from_pretrained(folder)
+    inputs = full._oto_inputs
+    assert max_relative_difference(_run(full.compressed_model, inputs), _run(again, inputs)) == 0
+
+    resumed = OTOTrainer(model=classifier(), args=_oto_args(tmp_path / "b", "opq", **settings),
+                         train_dataset=data, eval_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-4"))
+    expected, got = _final_params(full), _final_params(resumed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+
+def test_post_quantization_after_structured_pruning(tmp_path):
+    data = classification_data()
+    trainer = OTOTrainer(model=classifier(), args=_oto_args(tmp_path, oto_post_quantize={"target_rate": 8.0}),
+                         train_dataset=data, eval_dataset=data)
+    trainer.train()
+    report = trainer.oto_report
+    assert report.quantization["compression_rate"] == pytest.approx(8.0, rel=0.01)
+    assert {"sparse", "compressed", "quantized"} <= set(report.metrics)
+    folder = trainer.save_compressed()
+    assert "weights (OPQ)" in (tmp_path / "out" / "compressed" / "README.md").read_text()
+    again = hf_oto.from_pretrained(folder)
+    inputs = trainer._oto_inputs
+    assert max_relative_difference(_run(trainer.compressed_model, inputs), _run(again, inputs)) == 0
+    with pytest.raises(ValueError, match="unknown OPQ options"):
+        _oto_args(tmp_path, oto_post_quantize={"bits": 3})
