@@ -230,38 +230,41 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     out = {dim: torch.zeros(4, x.shape[dim], dtype=torch.float32, device=x.device) for dim in dims}
     # On CPU, cache-sized chunks; on accelerators one chunk (fewer kernel launches matter more).
     step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
-    for r in range(0, x.shape[0], step):
-        xc = x[r:r + step]
-        d = None
-        if num is not None:
-            d = num[r:r + step] if den is None else num[r:r + step] / den[r:r + step]
-        _accumulate(out, xc, d, r, 0)
+    n = x.shape[0]
+    chunks = zip(x.split(step), num.split(step) if num is not None else [None] * n,
+                 den.split(step) if den is not None else [None] * n)
+    # Per-row outputs of dim 0, as views matching the chunks (norms; squared at the end).
+    rows0 = out[0].split(step, dim=1) if 0 in out else None
+    for c, (xc, nc, dc) in enumerate(chunks):
+        d = nc if dc is None else (None if nc is None else nc / dc)
+        views = None if rows0 is None else rows0[c]
+        _accumulate(out, views, xc, d, 0)
         if d is not None:
             if keep != 1.0:
                 xc.mul_(keep)
             xc.add_(d, alpha=alpha)
         if post:
-            _accumulate(out, xc, None, r, 3)
+            _accumulate(out, views, xc, None, 3)
     if 0 in out:  # dim 0 collected norms (no temporary): square them once
         out[0][[0, 2, 3]] = out[0][[0, 2, 3]].square()
     return out
 
 
-def _accumulate(out: dict[int, torch.Tensor], xc: torch.Tensor, d: torch.Tensor | None, r: int, row: int) -> None:
-    """Add the statistics of chunk ``xc`` (rows r..) to ``out``: from row ``row`` on, x*x then, with
-    ``d``, x*d and d*d. Rows of dim 0 hold norms, not squares, until :func:`update_with_rows_`
-    squares them (a norm along contiguous rows needs no temporary)."""
+def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: torch.Tensor,
+                d: torch.Tensor | None, row: int) -> None:
+    """Add the statistics of chunk ``xc`` to ``out``: from row ``row`` on, x*x then, with ``d``, x*d
+    and d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as norms, not
+    squares, until :func:`update_with_rows_` squares them (a norm along rows needs no temporary)."""
     xf = xc if xc.dtype == torch.float32 else xc.float()
     df = d if d is None or d.dtype == torch.float32 else d.float()
     for dim, o in out.items():
         if dim == 0:
             x2 = xf if xf.dim() == 2 else xf.reshape(xf.shape[0], -1)
-            n = x2.shape[0]
-            torch.linalg.vector_norm(x2, 2, dim=1, out=o[row, r:r + n])
+            torch.linalg.vector_norm(x2, 2, dim=1, out=rows0[row])
             if df is not None:
-                d2 = df if df.dim() == 2 else df.reshape(n, -1)
-                torch.sum(x2 * d2, dim=1, out=o[row + 1, r:r + n])
-                torch.linalg.vector_norm(d2, 2, dim=1, out=o[row + 2, r:r + n])
+                d2 = df if df.dim() == 2 else df.reshape(x2.shape[0], -1)
+                torch.sum(x2 * d2, dim=1, out=rows0[row + 1])
+                torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
         else:
             other = [k for k in range(xf.dim()) if k != dim]
             o[row] += (xf * xf).sum(other)
