@@ -341,3 +341,21 @@ def test_invalid_arguments_raise_clear_value_errors():
         create_oto_optimizer(other, groups, **ok)
     with pytest.raises(ValueError, match="built for another model"):
         DHSPG(model, find_groups(other, other_inputs), **ok)
+
+
+def test_grouped_parameter_without_gradient_is_skipped_but_projected():
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    frozen = dict(model.named_parameters())["bert.encoder.layer.0.intermediate.dense.weight"]
+    frozen.requires_grad_(False)  # not optimized, yet part of neuron groups
+    before = frozen.detach().clone()
+    opt = DHSPG(model, groups, variant="adamw", lr=1e-3, target_group_sparsity=0.5, start_pruning_step=1,
+                pruning_steps=4, pruning_periods=2)
+    assert all(p is not frozen for g in opt.param_groups for p in g["params"])
+    _train(model, opt, "bert-qa", range(6))
+    zero = opt.zero_groups() & groups.prunable_mask
+    assert int(zero.sum()) == int(0.5 * groups.num_prunable)
+    kept = frozen.detach().abs().sum(dim=1) > 0  # rows of groups never projected are untouched
+    assert torch.equal(frozen.detach()[kept], before[kept])
+    small = compress(model.eval(), groups)
+    assert relative_difference(outputs(model, inputs), outputs(small, inputs)) < 1e-5
