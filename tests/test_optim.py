@@ -13,7 +13,7 @@ from hf_oto.optim import DHSPG, HESSO, HSPG, create_oto_optimizer
 from hf_oto.optim._index import PrunableIndex, update_with_rows_
 from hf_oto.testing.zoo import build
 
-from helpers import outputs, relative_difference
+from helpers import group_element_mask, outputs, relative_difference
 
 # -- shared set-ups ---------------------------------------------------------------------------------
 
@@ -47,17 +47,9 @@ def _naive_group_sums(groups, a, b, mask):
     """Per-group sums of a*b built one group at a time from element masks."""
     out = torch.zeros(len(groups), dtype=torch.float64)
     for g in range(len(groups)):
-        if not mask[g]:
-            continue
-        for name, x, y in zip(groups.param_names, a, b):
-            sel = torch.zeros_like(x, dtype=torch.bool)
-            for s in groups.slices:
-                if s.tensor == name:
-                    idx = s.index[s.group == g]
-                    sl = [slice(None)] * x.dim()
-                    sl[s.dim] = idx
-                    sel[tuple(sl)] = True
-            out[g] += (x.double() * y.double())[sel].sum()
+        if mask[g]:
+            for name, x, y in zip(groups.param_names, a, b):
+                out[g] += (x.double() * y.double())[group_element_mask(groups, name, x, g)].sum()
     return out
 
 
