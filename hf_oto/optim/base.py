@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
