@@ -30,3 +30,14 @@ def relative_difference(a, b) -> float:
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def group_element_mask(groups: ZeroInvariantGroups, name: str, t: torch.Tensor, g: int) -> torch.Tensor:
+    """The entries of tensor ``name`` (shaped like ``t``) that group ``g`` covers, built naively."""
+    mask = torch.zeros_like(t, dtype=torch.bool)
+    for s in groups.slices:
+        if s.tensor == name:
+            sl = [slice(None)] * t.dim()
+            sl[s.dim] = s.index[s.group == g]
+            mask[tuple(sl)] = True
+    return mask

@@ -4,6 +4,7 @@ import torch
 
 from hf_oto import ZeroInvariantGroups, find_groups
 from hf_oto.testing.zoo import build
+from helpers import group_element_mask
 
 
 def _naive_sq_norms(groups: ZeroInvariantGroups, tensors):
@@ -11,14 +12,7 @@ def _naive_sq_norms(groups: ZeroInvariantGroups, tensors):
     out = torch.zeros(len(groups))
     for g in range(len(groups)):
         for name, t in zip(groups.param_names, tensors):
-            mask = torch.zeros_like(t, dtype=torch.bool)
-            for s in groups.slices:
-                if s.tensor == name:
-                    idx = s.index[s.group == g]
-                    sl = [slice(None)] * t.dim()
-                    sl[s.dim] = idx
-                    mask[tuple(sl)] = True
-            out[g] += (t[mask] ** 2).sum()
+            out[g] += (t[group_element_mask(groups, name, t, g)] ** 2).sum()
     return out
 
 

@@ -10,10 +10,10 @@ from torch import nn
 from hf_oto import compress, find_groups
 from hf_oto.groups import GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups
 from hf_oto.optim import DHSPG, HESSO, HSPG, create_oto_optimizer
-from hf_oto.optim._index import PrunableIndex
+from hf_oto.optim._index import PrunableIndex, update_with_rows_
 from hf_oto.testing.zoo import build
 
-from helpers import outputs, relative_difference
+from helpers import group_element_mask, outputs, relative_difference
 
 # -- shared set-ups ---------------------------------------------------------------------------------
 
@@ -47,43 +47,45 @@ def _naive_group_sums(groups, a, b, mask):
     """Per-group sums of a*b built one group at a time from element masks."""
     out = torch.zeros(len(groups), dtype=torch.float64)
     for g in range(len(groups)):
-        if not mask[g]:
-            continue
-        for name, x, y in zip(groups.param_names, a, b):
-            sel = torch.zeros_like(x, dtype=torch.bool)
-            for s in groups.slices:
-                if s.tensor == name:
-                    idx = s.index[s.group == g]
-                    sl = [slice(None)] * x.dim()
-                    sl[s.dim] = idx
-                    sel[tuple(sl)] = True
-            out[g] += (x.double() * y.double())[sel].sum()
+        if mask[g]:
+            for name, x, y in zip(groups.param_names, a, b):
+                out[g] += (x.double() * y.double())[group_element_mask(groups, name, x, g)].sum()
     return out
 
 
 # -- vectorised maths -------------------------------------------------------------------------------
 
 
-def test_prunable_sums_match_naive_on_overlapping_groups():
+def test_fused_update_statistics_match_naive_on_overlapping_groups():
     model, inputs = build("densenet-block")  # a conv weight is in its row group and in its column group
     groups = find_groups(model, inputs)
     params = groups.parameters(model)
-    a = [torch.randn_like(p) for p in params]
-    b = [torch.randn_like(p) for p in params]
+    x = [torch.randn_like(p) for p in params]
+    num = [torch.randn_like(p) for p in params]
+    den = [torch.rand_like(p) + 0.5 for p in params]
+    d = [n / q for n, q in zip(num, den)]
+    keep, alpha = 0.9, -0.3
+    orig = [t.clone() for t in x]
+    z = [keep * a + alpha * b for a, b in zip(x, d)]
     index = PrunableIndex(groups, params, torch.device("cpu"))
     prunable = groups.prunable_mask
-    w = torch.rand(2, len(params), dtype=torch.float64)
-    got = index.sums(a, b, w)
-    for row in range(2):
-        scaled = [x * float(w[row, i]) for i, x in enumerate(a)]
-        naive = _naive_group_sums(groups, scaled, b, prunable)
-        assert torch.allclose(got[row][prunable].double(), naive[prunable], rtol=1e-4, atol=1e-4)
-    sq = index.sums(a)[0]
-    assert torch.allclose(sq[prunable], groups.sq_norms(a)[prunable], rtol=1e-5)
+    rows = {}
+    for i, dims in index.slice_dims.items():
+        for dim, r in update_with_rows_(x[i], num[i], den[i], keep, alpha, dims, post=True).items():
+            rows[(i, dim)] = r
+        assert torch.allclose(x[i], z[i], atol=1e-6)  # updated in place, once
+    w = torch.rand(2, len(params), 4, dtype=torch.float64)
+    got = index.combine(rows, w)
+    for k in range(2):
+        naive = torch.zeros(len(groups), dtype=torch.float64)
+        for r, (a, b) in enumerate([(orig, orig), (orig, d), (d, d), (z, z)]):
+            naive += _naive_group_sums(groups, [t * float(w[k, i, r]) for i, t in enumerate(a)], b, prunable)
+        assert torch.allclose(got[k][prunable].double(), naive[prunable], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(index.sq_norms(z)[prunable], groups.sq_norms(z)[prunable], rtol=1e-5)
     # fill_ zeroes exactly the chosen prunable groups and no other group.
     mask = prunable & (torch.arange(len(groups)) % 3 == 0)
-    PrunableIndex.fill_(a, index.positions(mask))
-    zero = groups.zero_mask(a)
+    PrunableIndex.fill_(z, index.positions(mask))
+    zero = groups.zero_mask(z)
     assert zero[mask].all() and not zero[prunable & ~mask].any()
 
 
@@ -341,3 +343,21 @@ def test_invalid_arguments_raise_clear_value_errors():
         create_oto_optimizer(other, groups, **ok)
     with pytest.raises(ValueError, match="built for another model"):
         DHSPG(model, find_groups(other, other_inputs), **ok)
+
+
+def test_grouped_parameter_without_gradient_is_skipped_but_projected():
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    frozen = dict(model.named_parameters())["bert.encoder.layer.0.intermediate.dense.weight"]
+    frozen.requires_grad_(False)  # not optimized, yet part of neuron groups
+    before = frozen.detach().clone()
+    opt = DHSPG(model, groups, variant="adamw", lr=1e-3, target_group_sparsity=0.5, start_pruning_step=1,
+                pruning_steps=4, pruning_periods=2)
+    assert all(p is not frozen for g in opt.param_groups for p in g["params"])
+    _train(model, opt, "bert-qa", range(6))
+    zero = opt.zero_groups() & groups.prunable_mask
+    assert int(zero.sum()) == int(0.5 * groups.num_prunable)
+    kept = frozen.detach().abs().sum(dim=1) > 0  # rows of groups never projected are untouched
+    assert torch.equal(frozen.detach()[kept], before[kept])
+    small = compress(model.eval(), groups)
+    assert relative_difference(outputs(model, inputs), outputs(small, inputs)) < 1e-5

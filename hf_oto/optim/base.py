@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -247,7 +247,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
     def _prunable_zero(self) -> torch.Tensor:
         """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
         with torch.no_grad():
-            return ((self._index.sums(self._gparams)[0] == 0) & self._prunable).cpu()
+            return ((self._index.sq_norms(self._gparams) == 0) & self._prunable).cpu()
 
     def group_sparsity(self) -> float:
         """Fraction of the prunable groups whose parameters are all exactly zero."""
