@@ -70,7 +70,7 @@ def evaluate(trainer, model) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--output_dir", default="out/bench-squad")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -159,7 +159,8 @@ def _image_folder(root):
 
 
 @pytest.mark.skipif(not HAS_PIL, reason="Pillow is not installed")
-@pytest.mark.parametrize("model_type, method", [("resnet", "hesso"), ("vit", "dhspg"), ("resnet", "dsp")])
+@pytest.mark.parametrize("model_type, method", [("resnet", "hesso"), ("convnext", "hesso"), ("vit", "dhspg"),
+                                                ("resnet", "dsp")])
 def test_run_vision_end_to_end_on_an_image_folder(model_type, method, tmp_path):
     _image_folder(tmp_path / "images")
     out = tmp_path / "out"

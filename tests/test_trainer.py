@@ -354,3 +354,19 @@ def test_post_quantization_after_structured_pruning(tmp_path):
     assert max_relative_difference(_run(trainer.compressed_model, inputs), _run(again, inputs)) == 0
     with pytest.raises(ValueError, match="unknown OPQ options"):
         _oto_args(tmp_path, oto_post_quantize={"bits": 3})
+
+
+@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_sharded_training_is_refused(tmp_path, monkeypatch, flag):
+    """ZeRO and FSDP shard parameters, so group norms are not local: refuse at construction."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        original(self)
+        setattr(self, flag, True)  # what a DeepSpeed or FSDP launch would set
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP"):
+        OTOTrainer(model=classifier(), args=_args(tmp_path), train_dataset=classification_data())
