@@ -89,7 +89,7 @@ def main() -> None:
         rows.append({"model": f"OTO hesso, target {target}", "params": params, "flops": count_flops(small, inputs),
                      **evaluate(oto, small)})
         baseline = magnitude_at(dense, params)
-        rows.append({"model": f"magnitude, same params", "params": num_parameters(baseline),
+        rows.append({"model": "magnitude, same params", "params": num_parameters(baseline),
                      "flops": count_flops(baseline, inputs), **evaluate(dense, baseline)})
         latency_dense, latency_small = measure_latency(dense_model, small, inputs=inputs)
         rows[-2]["latency_ratio"] = latency_dense / latency_small

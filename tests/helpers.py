@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from hf_oto import ZeroInvariantGroups
@@ -41,3 +46,47 @@ def group_element_mask(groups: ZeroInvariantGroups, name: str, t: torch.Tensor, 
             sl[s.dim] = s.index[s.group == g]
             mask[tuple(sl)] = True
     return mask
+
+
+_RELOAD_SCRIPT = '''
+import json, sys, torch, transformers
+import hf_oto
+from hf_oto.compress.core import _run, max_relative_difference
+resave, found = sys.argv[1] == "1", {}
+for path in sys.argv[2:]:
+    ref = torch.load(path + "/reference.pt")
+    auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
+    remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
+    models = [remote, hf_oto.from_pretrained(path)]
+    if resave:
+        remote.save_pretrained(path + "-resaved")
+        models.append(getattr(transformers, auto).from_pretrained(path + "-resaved", trust_remote_code=True))
+    found[path] = {
+        "module": type(remote).__module__,
+        "layers": sorted({type(m).__name__ for m in remote.modules()}),
+        "worst": max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"])) for m in models),
+    }
+print(json.dumps(found))
+'''
+
+
+def save_reference(model, inputs, path) -> None:
+    """Outputs of a saved model on its inputs, for :func:`reload_in_fresh_process`."""
+    torch.save({"inputs": inputs, "outputs": outputs(model, inputs)}, os.path.join(path, "reference.pt"))
+
+
+def reload_in_fresh_process(paths, cwd, resave: bool = False) -> dict:
+    """Load saved folders in a new Python process with ``trust_remote_code`` and with
+    ``hf_oto.from_pretrained`` (and, if ``resave``, again after re-saving the remote-code model).
+
+    Returns ``{path: {"module", "layers", "worst"}}``: the loaded class's module, the layer class
+    names, and the largest relative output difference from ``reference.pt`` over those loads.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, "1" if resave else "0", *map(str, paths)],
+                            capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(found) == {str(p) for p in paths}
+    assert all(r["module"].startswith("transformers_modules") for r in found.values()), found
+    return found

@@ -4,31 +4,17 @@ permutations folded into neighbours where the zero-invariant groups allow it."""
 import pytest
 import torch
 from helpers import outputs, relative_difference
-from torch.utils.flop_counter import FlopCounterMode
 
 from hf_oto import ZeroInvariantGroups, find_groups
 from hf_oto.compress.hf_oto_layers_dsp import DSPConv, DSPLinear
-from hf_oto.graph.inputs import call_with
 from hf_oto.methods.dsp import DSPConfig, convert, find_dsp_layers, profile, structure_macs
+from hf_oto.measure import count_flops
 from hf_oto.testing.zoo import build
 
 VISION = ["vgg-bn", "resnet", "convnext"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def flops(model, inputs) -> int:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        call_with(model.eval(), inputs)
-    return counter.get_total_flops()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model, config: DSPConfig, keep: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,7 +48,7 @@ def test_conversion_is_exact_on_random_patterns(name, mode):
         for e in replaced:
             assert isinstance(small.get_submodule(e.path), (DSPConv, DSPLinear))
             assert e.mode == mode or sum(i > 0 for _, i in e.groups) == 1  # one live group: split
-        assert flops(small, inputs) < flops(model, inputs)
+        assert count_flops(small, inputs) < count_flops(model, inputs)
 
 
 @pytest.mark.parametrize("name", VISION)
@@ -73,13 +59,13 @@ def test_split_flops_equal_the_learned_structure(name):
     config = DSPConfig(max_groups=3, min_in_channels=2)
     assignments = randomise(model, config, keep=0.5, seed=3)
     total, costs = profile(model, inputs, list(assignments))
-    assert total == flops(model, inputs)
+    assert total == count_flops(model, inputs)
     predicted = total - 2 * sum(costs[p].dense_macs - structure_macs(model.get_submodule(p).weight, a, costs[p])
                                 for p, a in assignments.items())
     report = []
     small = convert(model, assignments, groups=groups, mode="split", report=report)
     # Filters left without inputs become constant rows: the prediction is exact.
-    assert flops(small, inputs) == predicted
+    assert count_flops(small, inputs) == predicted
 
 
 def test_vgg_permutations_fold_into_neighbours():

@@ -9,13 +9,7 @@ from hf_oto.compress.hf_oto_layers_dsp import DSPConv, DSPLinear
 from hf_oto.methods.dsp import build_layer, plan_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_structure(layer: nn.Module, groups: int, keep: float, seed: int) -> torch.Tensor:

@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from helpers import outputs, relative_difference
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from hf_oto import find_groups
-from hf_oto.graph.inputs import call_with
 from hf_oto.methods import get_method
 from hf_oto.methods.base import TrainingSettings
 from hf_oto.methods.dsp import (
@@ -24,23 +22,11 @@ from hf_oto.methods.dsp import (
     plan_layer,
     soft_assignment,
 )
+from hf_oto.measure import count_flops
 from hf_oto.testing.zoo import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def flops(model, inputs) -> int:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        call_with(model.eval(), inputs)
-    return counter.get_total_flops()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clustered_weight(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +105,7 @@ def test_learned_grouping_reaches_the_flops_target(target):
     assert target <= method.reached <= target + 0.02
     assert method.flops_reduction(model) == pytest.approx(method.reached)
     small = method.finalize(model, groups)
-    measured = 1 - flops(small, inputs) / flops(model, inputs)
+    measured = 1 - count_flops(small, inputs) / count_flops(model, inputs)
     assert target <= measured <= target + 0.03
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) <= 1e-5
     assert not any(LOGITS in name for name, _ in small.named_parameters())
@@ -164,7 +150,7 @@ def test_transformers_vision_models_train_and_convert_exactly(name):
     small = method.finalize(model, groups)
     assert type(small).__name__.startswith("HfOto")
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) <= 1e-5
-    assert 1 - flops(small, inputs) / flops(model, inputs) >= 0.3
+    assert 1 - count_flops(small, inputs) / count_flops(model, inputs) >= 0.3
 
 
 def test_bad_settings_fail_or_skip_with_a_reason():
@@ -293,7 +279,7 @@ def test_hf_trainer_drives_the_protocol(tmp_path):
     assert method.hardened and method.step == steps
     small = method.finalize(model.eval(), groups)
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) <= 1e-5
-    assert 1 - flops(small, inputs) / flops(model, inputs) >= 0.35
+    assert 1 - count_flops(small, inputs) / count_flops(model, inputs) >= 0.35
 
 
 @pytest.mark.parametrize("allocation", ["global", "layer", "group"])

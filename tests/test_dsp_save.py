@@ -3,13 +3,10 @@ remote code in a fresh process, plain modules through hf_oto.save_pretrained."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import outputs, relative_difference
+from helpers import outputs, relative_difference, reload_in_fresh_process, save_reference
 
 import hf_oto
 from hf_oto import find_groups
@@ -18,13 +15,7 @@ from hf_oto.methods.dsp import DSPConfig, convert, find_dsp_layers
 from hf_oto.testing.zoo import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _converted(name: str, mode: str, seed: int = 0):
@@ -49,37 +40,17 @@ def test_transformers_models_reload_in_a_fresh_process(tmp_path):
         small, inputs = _converted(name, mode)
         path = tmp_path / name
         small.save_pretrained(path)
-        torch.save({"inputs": inputs, "outputs": outputs(small, inputs)}, path / "reference.pt")
+        save_reference(small, inputs, path)
         config = json.loads((path / "config.json").read_text())
         kinds = {spec["type"] for spec in config["hf_oto_manifest"]["modules"].values()}
         assert kinds <= {"DSPConv", "DSPLinear"} and kinds
         assert {"modeling_hf_oto.py", "hf_oto_layers.py", "hf_oto_layers_dsp.py"} <= set(os.listdir(path))
         cases[name] = path
-    script = textwrap.dedent("""
-        import sys, json, torch, transformers
-        import hf_oto
-        from hf_oto.compress.core import _run, max_relative_difference
-        worst = {}
-        for path in sys.argv[1:]:
-            ref = torch.load(path + "/reference.pt")
-            auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
-            remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
-            assert type(remote).__module__.startswith("transformers_modules"), type(remote).__module__
-            kinds = sorted({type(m).__name__ for m in remote.modules() if type(m).__name__.startswith("DSP")})
-            local = hf_oto.from_pretrained(path)
-            worst[path] = [kinds, max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"]))
-                                      for m in (remote, local))]
-        print(json.dumps(worst))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script, *map(str, cases.values())], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
+    found = reload_in_fresh_process(cases.values(), tmp_path)
     for name, path in cases.items():
-        kinds, diff = worst[str(path)]
-        assert kinds and set(kinds) <= {"DSPConv", "DSPLinear"}, kinds
-        assert diff == 0.0, (name, diff)
+        kinds = {k for k in found[str(path)]["layers"] if k.startswith("DSP")}
+        assert kinds and kinds <= {"DSPConv", "DSPLinear"}, kinds
+        assert found[str(path)]["worst"] == 0.0, name
 
 
 @pytest.mark.parametrize("mode", ["split", "grouped"])

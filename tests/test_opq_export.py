@@ -3,14 +3,10 @@ allocation, exported models reproduce the fine-tuned outputs bit for bit and rel
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import outputs, relative_difference, zero_random_groups
+from helpers import outputs, relative_difference, reload_in_fresh_process, zero_random_groups
 from torch import nn
 
 import hf_oto
@@ -181,30 +177,8 @@ def test_saved_tensors_are_compact(saved_transformers):
 
 def test_reload_in_fresh_process_is_exact(saved_transformers, tmp_path):
     root, cases = saved_transformers
-    script = textwrap.dedent("""
-        import sys, json, torch, transformers
-        import hf_oto
-        from hf_oto.compress.core import _run, max_relative_difference
-        worst = {}
-        for path in sys.argv[1:]:
-            ref = torch.load(path + "/reference.pt")
-            auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
-            remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
-            assert type(remote).__module__.startswith("transformers_modules")
-            remote.save_pretrained(path + "-resaved")
-            again = getattr(transformers, auto).from_pretrained(path + "-resaved", trust_remote_code=True)
-            local = hf_oto.from_pretrained(path)
-            worst[path] = max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"]))
-                              for m in (remote, again, local))
-        print(json.dumps(worst))
-    """)
-    paths = [str(root / name) for name in cases]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(worst) == set(paths) and all(v == 0.0 for v in worst.values()), worst
+    found = reload_in_fresh_process([root / name for name in cases], tmp_path, resave=True)
+    assert all(r["worst"] == 0.0 for r in found.values()), found
 
 
 def test_method_protocol_on_a_structurally_pruned_model():

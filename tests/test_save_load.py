@@ -2,13 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
-import torch
-from helpers import outputs, relative_difference, zero_random_groups
+from helpers import outputs, relative_difference, reload_in_fresh_process, save_reference, zero_random_groups
 
 import hf_oto
 from hf_oto import GroupConfig, compress, find_groups
@@ -32,7 +28,7 @@ def saved(tmp_path_factory):
         small = compress(model, groups).eval()
         path = root / name
         small.save_pretrained(path)
-        torch.save({"inputs": inputs, "outputs": outputs(small, inputs)}, path / "reference.pt")
+        save_reference(small, inputs, path)
         cases[name] = (small, path)
     return cases
 
@@ -53,31 +49,8 @@ def test_saved_files_and_manifest(saved):
 
 def test_reload_in_fresh_process(saved, tmp_path):
     """trust_remote_code, hf_oto.from_pretrained and a re-save all give the same outputs."""
-    script = textwrap.dedent("""
-        import sys, torch, json, transformers
-        import hf_oto
-        from hf_oto.compress.core import _run, max_relative_difference
-        worst = {}
-        for path in sys.argv[1:]:
-            ref = torch.load(path + "/reference.pt")
-            auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
-            remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
-            assert type(remote).__module__.startswith("transformers_modules"), type(remote).__module__
-            remote.save_pretrained(path + "-resaved")
-            again = getattr(transformers, auto).from_pretrained(path + "-resaved", trust_remote_code=True)
-            local = hf_oto.from_pretrained(path)
-            worst[path] = max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"]))
-                              for m in (remote, again, local))
-        print(json.dumps(worst))
-    """)
-    paths = [str(p) for _, p in saved.values()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(worst) == set(paths)
-    assert all(v == 0.0 for v in worst.values()), worst
+    found = reload_in_fresh_process([p for _, p in saved.values()], tmp_path, resave=True)
+    assert all(r["worst"] == 0.0 for r in found.values()), found
 
 
 def test_plain_reload_without_manifest_fails_loudly(saved):

@@ -2,13 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import outputs, relative_difference
+from helpers import outputs, relative_difference, reload_in_fresh_process, save_reference
 from torch import nn
 
 import hf_oto
@@ -164,25 +161,7 @@ def test_transformers_models_reload_in_a_fresh_process(tmp_path):
         path = tmp_path / name
         model.save_pretrained(path)
         assert "hf_oto_layers_lowrank.py" in os.listdir(path)
-        torch.save({"inputs": inputs, "outputs": outputs(model, inputs)}, path / "reference.pt")
+        save_reference(model, inputs, path)
         paths.append(str(path))
-    script = textwrap.dedent("""
-        import sys, json, torch, transformers
-        import hf_oto
-        from hf_oto.compress.core import _run, max_relative_difference
-        worst = {}
-        for path in sys.argv[1:]:
-            ref = torch.load(path + "/reference.pt")
-            auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
-            remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
-            assert any(type(m).__name__ == "LowRankLinear" for m in remote.modules())
-            local = hf_oto.from_pretrained(path)
-            worst[path] = max(max_relative_difference(ref["outputs"], _run(m, ref["inputs"])) for m in (remote, local))
-        print(json.dumps(worst))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(worst) == set(paths) and all(v == 0.0 for v in worst.values()), worst
+    found = reload_in_fresh_process(paths, tmp_path)
+    assert all("LowRankLinear" in r["layers"] and r["worst"] == 0.0 for r in found.values()), found

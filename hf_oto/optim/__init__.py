@@ -6,3 +6,5 @@ from .factory import OTOOptimizerFactory, create_oto_optimizer
 from .hesso import HESSO
 from .hspg import HSPG
 from .sfw import SFW
+
+__all__ = ["GroupSparseOptimizer", "DHSPG", "HESSO", "HSPG", "SFW", "OTOOptimizerFactory", "create_oto_optimizer"]
