@@ -30,51 +30,35 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
-from dataclasses import asdict, replace
-
-import torch
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from hf_oto import compress, find_groups  # noqa: E402
-from hf_oto.methods.sfw import smallest_groups_per_layer  # noqa: E402
 from hf_oto.testing.sfw_experiment import (  # noqa: E402
     SFW_LOW_RANK,
     SFW_PRUNE,
     SGD,
     SGD_STRONG_WD,
-    accuracy,
     cnn,
     image_data,
-    low_rank_curve,
     mlp,
-    prune_curve,
+    run,
     teacher_data,
-    train,
 )
 
 RATIOS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def measure(build, data, cfg, ratios, layer_scope: bool) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = build()
-    groups = find_groups(model, (data.train_x[:2],))
-    start = time.perf_counter()
-    train(model, data, cfg, groups)
-    seconds = time.perf_counter() - start
-    row = {"label": cfg.label, "config": asdict(cfg), "train_s": seconds,
-           "dense": accuracy(model, data.test_x, data.test_y)}
+    curves = []
     if cfg.structure != "low_rank" or cfg.optimizer == "sgd":
-        row["prune"] = prune_curve(model, groups, data, ratios)
-        if layer_scope:
-            params = groups.parameters(model)
-            row["prune_layer"] = {r: accuracy(compress(model, groups, remove=smallest_groups_per_layer(groups, params, r)),
-                                              data.test_x, data.test_y) for r in ratios}
+        curves += ["prune", "prune_layer"] if layer_scope else ["prune"]
     if cfg.structure != "prune" or cfg.optimizer == "sgd":
-        row["low_rank"] = low_rank_curve(model, data, ratios)
+        curves.append("low_rank")
+    result = run(build, data, cfg, ratios, curves=curves)
+    row = {"label": result.label, "config": result.config, "train_s": result.train_seconds, "dense": result.dense}
+    row.update({key: getattr(result, key) for key in ("prune", "prune_layer", "low_rank") if key in curves})
     return row
 
 

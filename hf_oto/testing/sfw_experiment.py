@@ -170,12 +170,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def prune_curve(model: nn.Module, groups, data: Data, ratios: Sequence[float]) -> dict[float, float]:
-    """Test accuracy after ``compress(model, groups, ratio=r)``, no retraining."""
+def prune_curve(model: nn.Module, groups, data: Data, ratios: Sequence[float],
+                scope: str = "global") -> dict[float, float]:
+    """Test accuracy after removing the ``r`` fraction of smallest groups, no retraining: one
+    global ranking (``compress(model, groups, ratio=r)``) or the same share of every layer."""
     from ..compress import compress
+    from ..methods.sfw import smallest_groups_per_layer
 
-    return {r: accuracy(compress(model, groups, ratio=r) if r > 0 else model, data.test_x, data.test_y)
-            for r in ratios}
+    def pruned(r: float) -> nn.Module:
+        if r <= 0:
+            return model
+        if scope == "layer":
+            return compress(model, groups, remove=smallest_groups_per_layer(groups, groups.parameters(model), r))
+        return compress(model, groups, ratio=r)
+
+    return {r: accuracy(pruned(r), data.test_x, data.test_y) for r in ratios}
 
 
 def low_rank_curve(model: nn.Module, data: Data, ratios: Sequence[float],
@@ -195,11 +204,13 @@ class RunResult:
     dense: float
     prune: dict[float, float]
     low_rank: dict[float, float]
+    prune_layer: dict[float, float] = field(default_factory=dict)
 
 
 def run(build: Callable[[], nn.Module], data: Data, cfg: TrainConfig, ratios: Sequence[float],
         curves: Sequence[str] = ("prune", "low_rank")) -> RunResult:
-    """Train one model with ``cfg`` and measure the requested compression curves."""
+    """Train one model with ``cfg`` and measure the requested compression curves
+    (``"prune"``, ``"prune_layer"``: the same share of every layer, ``"low_rank"``)."""
     from ..graph import find_groups
 
     torch.manual_seed(cfg.seed)
@@ -211,4 +222,5 @@ def run(build: Callable[[], nn.Module], data: Data, cfg: TrainConfig, ratios: Se
     ratios = [r for r in ratios if r > 0]
     return RunResult(cfg.label, asdict(cfg), seconds, accuracy(model, data.test_x, data.test_y),
                      prune_curve(model, groups, data, ratios) if "prune" in curves else {},
-                     low_rank_curve(model, data, ratios) if "low_rank" in curves else {})
+                     low_rank_curve(model, data, ratios) if "low_rank" in curves else {},
+                     prune_curve(model, groups, data, ratios, scope="layer") if "prune_layer" in curves else {})
