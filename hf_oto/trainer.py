@@ -108,7 +108,7 @@ class OTOTrainer(Trainer):
             raise ValueError("OTOTrainer.train needs a train_dataset")
         batch = self._first_batch()
         model = self.model
-        inputs = self._oto_inputs = self._trace_inputs(batch)
+        inputs = self._oto_inputs = self._trace_inputs(self._example_inputs() or batch)
         if self.oto_method.needs_groups:
             if self.oto_groups is None:
                 self.oto_groups = find_groups(model, inputs, self.args.group_config())
@@ -130,15 +130,8 @@ class OTOTrainer(Trainer):
         self._oto_ready = True
 
     def _first_batch(self) -> dict[str, Any]:
-        """The first training batch, or the user's example inputs, without disturbing any RNG."""
-        source = self._oto_example_inputs
-        if source is None and self.args.oto_example_inputs != "first_batch":
-            path = self.args.oto_example_inputs
-            if not os.path.isfile(path):
-                raise ValueError(f"oto_example_inputs must be 'first_batch' or a file, got {path!r}")
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        if source is not None:
-            return self._prepare_inputs(source) if isinstance(source, dict) else source
+        """The first training batch, checked for the columns the model needs, without disturbing
+        any RNG (a resumed run must see the same data order as an uninterrupted one)."""
         states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         try:
             batch = next(iter(self.get_train_dataloader()))
@@ -151,6 +144,18 @@ class OTOTrainer(Trainer):
         batch = self._prepare_inputs(batch)
         self._check_columns(batch)
         return batch
+
+    def _example_inputs(self) -> Any:
+        """The user's inputs for the dependency trace, if any (``example_inputs=`` or a file)."""
+        source = self._oto_example_inputs
+        if source is None and self.args.oto_example_inputs != "first_batch":
+            path = self.args.oto_example_inputs
+            if not os.path.isfile(path):
+                raise ValueError(f"oto_example_inputs must be 'first_batch' or a file, got {path!r}")
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(source, dict):
+            return self._prepare_inputs(source)
+        return source
 
     def _check_columns(self, batch: dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.model)

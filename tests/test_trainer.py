@@ -370,3 +370,22 @@ def test_sharded_training_is_refused(tmp_path, monkeypatch, flag):
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
     with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP"):
         OTOTrainer(model=classifier(), args=_args(tmp_path), train_dataset=classification_data())
+
+
+def test_example_inputs_replace_only_the_trace_inputs(tmp_path):
+    data = classification_data()
+    inputs = {"input_ids": torch.tensor(data[:3]["input_ids"]), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    trainer = OTOTrainer(model=classifier(), args=_args(tmp_path), train_dataset=data, example_inputs=inputs)
+    trainer.train()
+    assert trainer._oto_inputs["input_ids"].shape[0] == 2
+    assert trainer.model_accepts_loss_kwargs is False  # the first batch was still probed
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    from_file = OTOTrainer(model=classifier(), args=_args(tmp_path / "f", oto_example_inputs=str(tmp_path / "inputs.pt")),
+                           train_dataset=data)
+    from_file.train()
+    assert from_file.oto_groups.num_prunable == trainer.oto_groups.num_prunable
+    missing = OTOTrainer(model=classifier(), args=_args(tmp_path / "m", oto_example_inputs=str(tmp_path / "none.pt")),
+                         train_dataset=data)
+    with pytest.raises(ValueError, match="oto_example_inputs"):
+        missing.train()
