@@ -4,7 +4,7 @@ Trains each model once (seeded, one CPU thread each), then
 
 * prunes it at several ratios: ``compress(model, groups, ratio=r)`` removes the r fraction of
   prunable neurons / channels with the smallest norms (one global ranking), and for the CNN also
-  ``scope=layer`` (the same fraction of every layer, ``smallest_groups_per_layer``);
+  ``scope="layer"`` (the same fraction of every layer);
 * separately truncates it to low rank: ``decompose_low_rank(model, rank_ratio=r)`` (classifier
   excluded, for both optimizers);
 

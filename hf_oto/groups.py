@@ -321,6 +321,34 @@ class ZeroInvariantGroups:
     def _is_param(self, name: str) -> bool:
         return any(s.tensor == name and s.is_param for s in self.slices)
 
+    def producing_layers(self) -> list[str]:
+        """Per group, the module of the tensor it touches on the lowest dim (first in order on ties).
+
+        That is the layer producing the structure (the Linear or conv whose output rows it owns),
+        so a chain of layers gets one entry each; ``ZeroInvariantGroup.layer`` (the common prefix
+        of all modules involved) would merge a whole MLP or CNN into one.
+        """
+        n = max(1, len(self.param_names))
+        none = torch.iinfo(torch.long).max
+        key = torch.full((len(self),), none, dtype=torch.long)
+        for i, s in self._param_slices:
+            key.scatter_reduce_(0, s.group, torch.full_like(s.group, s.dim * n + i), reduce="amin")
+        return [self.param_names[v % n].rpartition(".")[0] if v != none else g.layer
+                for v, g in zip(key.tolist(), self)]
+
+    def layer_blocks(self) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        """Prunable groups split into blocks, one per (producing layer, kind).
+
+        Returns the block index of every group (-1 for unprunable ones) and the block keys, so
+        per-layer rankings and per-layer constraint sets are segment operations over one tensor.
+        """
+        keys: dict[tuple[str, str], int] = {}
+        block = torch.full((len(self),), -1, dtype=torch.long)
+        for g, layer in zip(self, self.producing_layers()):
+            if g.prunable:
+                block[g.index] = keys.setdefault((layer, g.kind), len(keys))
+        return block, list(keys)
+
     # -- reporting ---------------------------------------------------------------------------
     def summary(self) -> str:
         """A table per layer and kind: how many groups, how many prunable, and why not."""

@@ -171,3 +171,7 @@ def test_compress_by_ratio_removes_smallest_groups():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="ratio"):
             compress(model, groups, ratio=bad)
+    with pytest.raises(ValueError, match="scope must be"):
+        compress(model, groups, ratio=0.5, scope="model")
+    with pytest.raises(ValueError, match="scope only applies with ratio"):
+        compress(model, groups, scope="layer")

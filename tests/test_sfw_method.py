@@ -151,7 +151,7 @@ def test_low_rank_structure_through_a_transformers_trainer_with_checkpoint_resum
 
 
 def test_per_layer_pruning_takes_the_same_share_of_every_layer():
-    from hf_oto.methods.sfw import smallest_groups_per_layer
+    from hf_oto.compress import smallest_groups
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -160,7 +160,7 @@ def test_per_layer_pruning_takes_the_same_share_of_every_layer():
     groups = find_groups(model, (torch.randn(2, 6),))
     params = groups.parameters(model)
     norms = groups.norms(params).detach()
-    mask = smallest_groups_per_layer(groups, params, 0.5)
+    mask = smallest_groups(groups, params, 0.5, scope="layer")
     for layer, n in (("0", 10), ("2", 8)):
         members = [g.index for g in groups if g.prunable and f"{layer}.weight" in _rows_of(groups, g.index)]
         assert len(members) == n

@@ -1,7 +1,7 @@
 """Building, saving and loading the compressed model."""
 
-from .core import CompressionError, compress
+from .core import CompressionError, compress, smallest_groups
 from .lowrank import decompose_low_rank
 from .saving import from_pretrained, save_pretrained
 
-__all__ = ["compress", "CompressionError", "decompose_low_rank", "from_pretrained", "save_pretrained"]
+__all__ = ["compress", "CompressionError", "smallest_groups", "decompose_low_rank", "from_pretrained", "save_pretrained"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ def compress(
     *,
     remove: torch.Tensor | None = None,
     ratio: float | None = None,
+    scope: str = "global",
     inplace: bool = False,
     verify: bool = True,
     rtol: float = 1e-5,
@@ -42,6 +43,9 @@ def compress(
         ratio: remove this fraction of the prunable groups, those with the smallest norms,
             whether or not they are zero (for models trained to be robust to pruning, such as
             with :class:`hf_oto.optim.SFW`); ``verify`` is skipped.
+        scope: how ``ratio`` ranks groups: ``"global"`` (one ranking over the model) or
+            ``"layer"`` (the same fraction of every layer, for networks whose layers have very
+            different weight scales); see :func:`smallest_groups`.
         inplace: slice ``model`` itself instead of a copy.
         verify: run the groups' example inputs through both models and raise
             :class:`CompressionError` if the outputs differ by more than ``rtol`` times their scale.
@@ -55,7 +59,9 @@ def compress(
     if ratio is not None:
         if remove is not None:
             raise ValueError("pass either remove or ratio, not both")
-        remove = smallest_groups(groups, params, ratio)
+        remove = smallest_groups(groups, params, ratio, scope)
+    elif scope != "global":
+        raise ValueError("scope only applies with ratio")
     if remove is None:
         with torch.no_grad():
             remove = groups.zero_mask(params).cpu() & groups.prunable_mask
@@ -100,17 +106,40 @@ def compress(
     return target
 
 
-def smallest_groups(groups: ZeroInvariantGroups, params, ratio: float) -> torch.Tensor:
-    """Mask of the ``ratio`` fraction of prunable groups with the smallest L2 norms."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    prunable = groups.prunable_mask.nonzero().flatten()
-    count = int(ratio * prunable.numel())
+@torch.no_grad()
+def smallest_groups(groups: ZeroInvariantGroups, params: Sequence[torch.Tensor], ratio: float,
+                    scope: str = "global") -> torch.Tensor:
+    """Mask of the ``ratio`` fraction of prunable groups with the smallest L2 norms.
+
+    ``scope="global"`` ranks all prunable groups together; ``scope="layer"`` takes
+    ``int(ratio * n)`` of the ``n`` groups of every (producing layer, kind) block
+    (:meth:`ZeroInvariantGroups.layer_blocks`), so layers on different scales (a BatchNorm
+    network's convolutions) keep the same share.
+
+    Example:
+        >>> mask = smallest_groups(groups, groups.parameters(model), 0.5, scope="layer")  # doctest: +SKIP
+        >>> small = compress(model, groups, remove=mask)                                   # doctest: +SKIP
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if scope == "global":
+        block = torch.where(groups.prunable_mask, 0, -1)
+    else:
+        block = groups.layer_blocks()[0]
     mask = torch.zeros(len(groups), dtype=torch.bool)
-    if count:
-        with torch.no_grad():
-            norms = groups.norms(params).cpu()[prunable]
-        mask[prunable[torch.argsort(norms, stable=True)[:count]]] = True
+    members = (block >= 0).nonzero().flatten()
+    if members.numel() == 0:
+        return mask
+    norms = groups.norms(params).detach().cpu()
+    order = members[torch.argsort(norms[members], stable=True)]           # smallest first
+    order = order[torch.argsort(block[order], stable=True)]               # then by block
+    sizes = torch.bincount(block[members])
+    start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    rank = torch.arange(order.numel()) - start[block[order]]
+    cut = (sizes.double() * ratio).long()                                 # int(ratio * n) per block
+    mask[order[rank < cut[block[order]]]] = True
     return mask
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+
+from ..config_mixin import JsonConfigMixin
 
 #: Structure kinds the analysis can report. ``hidden`` is the residual stream / embedding width.
 GROUP_KINDS = ("head", "neuron", "channel", "hidden")
 
 
 @dataclass
-class GroupConfig:
+class GroupConfig(JsonConfigMixin):
     """Which structures :func:`hf_oto.find_groups` may offer for pruning.
 
     Every structure is still *found* and reported by :meth:`ZeroInvariantGroups.summary`; the
@@ -20,8 +21,10 @@ class GroupConfig:
         prune_heads: attention heads (q/k/v rows with the output projection's columns).
         prune_neurons: feed-forward neurons (up/gate rows with the down projection's column).
         prune_channels: convolution output channels, tied across residual additions.
-        prune_hidden: the residual-stream / embedding width. Off by default because in
-            Transformers every LayerNorm mixes this dimension, so removing it is only approximate.
+        prune_hidden: the residual-stream / embedding width, coupled across every layer. Off
+            by default: every LayerNorm averages over this width, so the compressed model keeps
+            it exact by running its norms on a zero-padded input (hooks recorded in the
+            manifest), which costs a little at inference.
         exclude: regular expressions; a group whose layer name matches one is kept unprunable.
 
     Example:
@@ -36,6 +39,8 @@ class GroupConfig:
     prune_hidden: bool = False
     exclude: list[str] = field(default_factory=list)
 
+    config_label = "GroupConfig fields"
+
     def enabled(self, kind: str) -> bool:
         return {
             "head": self.prune_heads,
@@ -44,20 +49,3 @@ class GroupConfig:
             "hidden": self.prune_hidden,
         }.get(kind, False)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GroupConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown GroupConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GroupConfig":
-        return cls.from_dict(json.loads(text))

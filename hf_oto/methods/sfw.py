@@ -28,7 +28,7 @@ option                     default      meaning
                                         (smallest norms); ``None``: only all-zero groups
 ``prune_scope``            ``"global"`` ``"global"``: one ranking over the model
                                         (``compress(ratio=...)``); ``"layer"``: the fraction
-                                        within each layer (:func:`smallest_groups_per_layer`)
+                                        within each layer (``compress(..., scope="layer")``)
 ``rank_ratio``             ``None``     at the end, remove this fraction of each eligible
                                         layer's rank (:func:`decompose_low_rank`)
 ``low_rank_include``       ``None``     regexes: layers ``rank_ratio`` applies to
@@ -42,18 +42,19 @@ The trainer's ``weight_decay`` is not used: the constraints regularise instead.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config_mixin import JsonConfigMixin
 from ..groups import ZeroInvariantGroups
 from .base import CompressionMethod, TrainingSettings, register_method
 
 
 @dataclass
-class SFWOptions:
+class SFWOptions(JsonConfigMixin):
     """Options of :class:`SFWMethod` (see the module docstring)."""
 
     structure: str = "prune"
@@ -72,15 +73,10 @@ class SFWOptions:
     low_rank_exclude: list[str] | None = None
     keep_dense_if_larger: bool = True
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SFWOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown sfw options {unknown}; known: {sorted(known)}")
-        opts = cls(**data)
-        opts.validate()
-        return opts
+    config_label = "sfw options"
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         from ..optim.sfw import STRUCTURES
@@ -94,9 +90,6 @@ class SFWOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1) or None, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @register_method
@@ -152,11 +145,10 @@ class SFWMethod(CompressionMethod):
         opts = self.options
         result = model
         if groups is not None:
-            if opts.prune_ratio and opts.prune_scope == "layer":
-                remove = smallest_groups_per_layer(groups, groups.parameters(model), opts.prune_ratio)
-                result = compress(model, groups, remove=remove)
+            if opts.prune_ratio:
+                result = compress(model, groups, ratio=opts.prune_ratio, scope=opts.prune_scope)
             else:
-                result = compress(model, groups, ratio=opts.prune_ratio or None)
+                result = compress(model, groups)
         elif opts.prune_ratio:
             raise ValueError("prune_ratio needs the model's zero-invariant groups")
         if opts.rank_ratio:
@@ -181,40 +173,3 @@ def group_energy_kept(model: nn.Module, groups: ZeroInvariantGroups, ratio: floa
         return 1.0
     drop = int(ratio * norms.numel())
     return 1.0 - float(norms.sort().values[:drop].sum() / norms.sum())
-
-
-@torch.no_grad()
-def smallest_groups_per_layer(groups: ZeroInvariantGroups, params, ratio: float) -> torch.Tensor:
-    """Mask of the ``ratio`` fraction of prunable groups with the smallest norms *in each layer*.
-
-    Layers are the blocks of the SFW group constraint (the module producing the structure, and its
-    kind). Unlike one global ranking, layers whose weights have different scales (a BatchNorm
-    network's convolutions) keep the same share of their groups. Pass the mask to
-    ``compress(model, groups, remove=mask)``.
-
-    Example:
-        >>> mask = smallest_groups_per_layer(groups, groups.parameters(model), 0.5)  # doctest: +SKIP
-        >>> small = compress(model, groups, remove=mask)                             # doctest: +SKIP
-    """
-    from ..optim.sfw import group_layers
-
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-    keys: dict[tuple[str, str], int] = {}
-    block = torch.full((len(groups),), -1, dtype=torch.long)
-    for g, layer in zip(groups, group_layers(groups)):
-        if g.prunable:
-            block[g.index] = keys.setdefault((layer, g.kind), len(keys))
-    mask = torch.zeros(len(groups), dtype=torch.bool)
-    members = (block >= 0).nonzero().flatten()
-    if members.numel() == 0:
-        return mask
-    norms = groups.norms(params).detach().cpu()
-    order = members[torch.argsort(norms[members], stable=True)]           # smallest first
-    order = order[torch.argsort(block[order], stable=True)]               # then by layer
-    sizes = torch.bincount(block[members], minlength=len(keys))
-    start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
-    rank = torch.arange(order.numel()) - start[block[order]]
-    cut = (sizes.double() * ratio).long()                                 # int(ratio * n) per layer
-    mask[order[rank < cut[block[order]]]] = True
-    return mask

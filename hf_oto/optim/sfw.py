@@ -48,7 +48,7 @@ from ..groups import ZeroInvariantGroups
 
 __all__ = [
     "SFW", "ConstraintSet", "L2Ball", "KSparsePolytope", "GroupKSupportBall", "KSupportNuclearBall",
-    "lmo_l2", "lmo_k_sparse", "lmo_k_support_nuclear", "k_support_norm", "group_layers", "CONSTRAINTS",
+    "lmo_l2", "lmo_k_sparse", "lmo_k_support_nuclear", "k_support_norm", "CONSTRAINTS",
     "STRUCTURES",
 ]
 
@@ -436,12 +436,7 @@ class GroupKSupportBall(ConstraintSet):
         prunable = groups.prunable_mask
         self.num_groups = len(groups)
 
-        # Blocks of prunable groups: one per (layer, kind).
-        keys: dict[tuple[str, str], int] = {}
-        block = torch.full((self.num_groups,), -1, dtype=torch.long)
-        for g, layer in zip(groups, group_layers(groups)):
-            if g.prunable:
-                block[g.index] = keys.setdefault((layer, g.kind), len(keys))
+        block, keys = groups.layer_blocks()
         self.block_names = [f"{layer or '<model>'}:{kind}" for layer, kind in keys]
         self.num_group_blocks = len(keys)
         self.group_block = block
@@ -489,7 +484,7 @@ class GroupKSupportBall(ConstraintSet):
                     radius_factor: float = 10.0, radius: float | None = None) -> "GroupKSupportBall":
         """Build with radii ``radius_factor * ||x_block||`` from the current tensors (or ``radius``)."""
         shapes = [tuple(p.shape) for p in params]
-        probe = cls(groups, shapes, k, [1.0] * (len(_block_keys(groups)) + len(shapes)))
+        probe = cls(groups, shapes, k, [1.0] * (len(groups.layer_blocks()[1]) + len(shapes)))
         if radius is not None:
             radii = [float(radius)] * probe.num_blocks
         else:
@@ -611,26 +606,6 @@ class GroupKSupportBall(ConstraintSet):
     def group_norms(self, tensors: Sequence[Tensor]) -> Tensor:
         """L2 norm of each group's owned entries (0 for unprunable groups)."""
         return self._sq_parts(tensors)[0].sqrt()
-
-
-def group_layers(groups: ZeroInvariantGroups) -> list[str]:
-    """Per group, the module of the tensor it touches on the lowest dim (first in order on ties).
-
-    That is the layer producing the structure (the Linear or conv whose output rows it owns), so a
-    chain of layers gets one block each; ``ZeroInvariantGroup.layer`` (the common prefix of all
-    modules involved) would merge a whole MLP or CNN into one block.
-    """
-    n = max(1, len(groups.param_names))
-    key = torch.full((len(groups),), torch.iinfo(torch.long).max, dtype=torch.long)
-    for i, s in groups._param_slices:
-        key.scatter_reduce_(0, s.group, torch.full_like(s.group, s.dim * n + i), reduce="amin")
-    names = groups.param_names
-    return [names[int(v) % n].rpartition(".")[0] if v != torch.iinfo(torch.long).max else g.layer
-            for v, g in zip(key.tolist(), groups)]
-
-
-def _block_keys(groups: ZeroInvariantGroups) -> set[tuple[str, str]]:
-    return {(layer, g.kind) for g, layer in zip(groups, group_layers(groups)) if g.prunable}
 
 
 # -- the optimizer ---------------------------------------------------------------------------

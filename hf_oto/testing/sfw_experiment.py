@@ -173,16 +173,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def prune_curve(model: nn.Module, groups, data: Data, ratios: Sequence[float],
                 scope: str = "global") -> dict[float, float]:
     """Test accuracy after removing the ``r`` fraction of smallest groups, no retraining: one
-    global ranking (``compress(model, groups, ratio=r)``) or the same share of every layer."""
+    global ranking or the same share of every layer (``compress(model, groups, ratio=r, scope=scope)``)."""
     from ..compress import compress
-    from ..methods.sfw import smallest_groups_per_layer
 
     def pruned(r: float) -> nn.Module:
-        if r <= 0:
-            return model
-        if scope == "layer":
-            return compress(model, groups, remove=smallest_groups_per_layer(groups, groups.parameters(model), r))
-        return compress(model, groups, ratio=r)
+        return compress(model, groups, ratio=r, scope=scope) if r > 0 else model
 
     return {r: accuracy(pruned(r), data.test_x, data.test_y) for r in ratios}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+
+from ...config_mixin import JsonConfigMixin
 
 
 @dataclass
-class DSPConfig:
+class DSPConfig(JsonConfigMixin):
     """Settings of :class:`hf_oto.methods.dsp.DSP`.
 
     Attributes:
@@ -78,6 +79,8 @@ class DSPConfig:
     init_std: float = 0.01
     seed: int = 0
 
+    config_label = "DSP options"
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -102,13 +105,3 @@ class DSPConfig:
         if self.min_in_channels < 1:
             raise ValueError(f"min_in_channels must be >= 1, got {self.min_in_channels}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> "DSPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown DSP options {unknown}; known: {sorted(known)}")
-        return cls(**options)

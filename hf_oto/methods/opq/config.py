@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ...config_mixin import JsonConfigMixin
 from .theory import FAMILIES
 
 LAYER_TYPES = ("linear", "conv", "embedding")
@@ -13,7 +14,7 @@ STRATEGIES = ("opq", "uniform")
 
 
 @dataclass
-class OPQConfig:
+class OPQConfig(JsonConfigMixin):
     """How :func:`hf_oto.methods.opq.allocate` compresses a model.
 
     Attributes:
@@ -55,6 +56,8 @@ class OPQConfig:
     exclude: tuple[str, ...] = ()
     strategy: str = "opq"
 
+    config_label = "OPQ options"
+
     def __post_init__(self) -> None:
         self.layer_types = tuple(self.layer_types)
         self.exclude = tuple(self.exclude)
@@ -86,11 +89,3 @@ class OPQConfig:
         d["layer_types"] = list(self.layer_types)
         d["exclude"] = list(self.exclude)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OPQConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown OPQ options {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
