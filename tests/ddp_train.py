@@ -1,7 +1,8 @@
-"""Train a tiny classifier with OTOTrainer; run by tests alone or under torchrun.
+"""Train a tiny classifier with OTOTrainer; run by tests alone, under torchrun or accelerate launch.
 
     python tests/ddp_train.py OUT METHOD BATCH
     torchrun --nproc_per_node 2 tests/ddp_train.py OUT METHOD BATCH
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py OUT METHOD BATCH
 """
 
 import json

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,14 +33,22 @@ def _run(cmd, tmp_path):
     assert proc.returncode == 0, out[-2000:] + err[-4000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-@pytest.mark.parametrize("method", METHODS)
-def test_two_processes_match_one(tmp_path, method):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+def _launcher(name: str) -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(exe):
+        pytest.skip(f"{name} not installed")
+    if name == "torchrun":
+        return [exe, "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    # `accelerate launch --cpu --num_processes 2` starts one process; --multi_gpu runs DDP on gloo
+    # when no GPU is present.
+    return [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
+@pytest.mark.parametrize("launcher,method", [("torchrun", m) for m in METHODS] + [("accelerate", "hesso")])
+def test_two_processes_match_one(tmp_path, launcher, method):
     script = os.path.join(HERE, "ddp_train.py")
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), script, str(tmp_path / "ddp"), method, "4"],
-         tmp_path)
+    _run([*_launcher(launcher), script, str(tmp_path / "ddp"), method, "4"], tmp_path)
     _run([sys.executable, script, str(tmp_path / "single"), method, "8"], tmp_path)
     rank0, rank1, single = (json.load(open(tmp_path / p)) for p in
                             ("ddp/result-rank0.json", "ddp/result-rank1.json", "single/result-rank0.json"))
