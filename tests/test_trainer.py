@@ -223,11 +223,11 @@ def test_push_to_hub_uploads_the_compressed_folder(tmp_path, monkeypatch):
     assert {"README.md", "config.json", "model.safetensors", "modeling_hf_oto.py"} <= set(fake.files)
 
 
-def test_loss_scaling_probe():
+def test_loss_scaling_probe(tmp_path):
     """Models that average their own loss must not be scaled by the number of processes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    trainer = OTOTrainer(model=classifier(), args=OTOTrainingArguments(output_dir="unused", use_cpu=True,
+    trainer = OTOTrainer(model=classifier(), args=OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                                          report_to=[]))
     batch = {k: torch.tensor(v[:4]) for k, v in classification_data()[:4].items()}
     trainer._probe_loss_scaling(batch)
@@ -235,7 +235,7 @@ def test_loss_scaling_probe():
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                       intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    lm_trainer = OTOTrainer(model=lm, args=OTOTrainingArguments(output_dir="unused", use_cpu=True, report_to=[]))
+    lm_trainer = OTOTrainer(model=lm, args=OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
     ids = torch.randint(0, 100, (2, 8))
     lm_trainer._probe_loss_scaling({"input_ids": ids, "labels": ids})
     assert lm_trainer.model_accepts_loss_kwargs is True
