@@ -92,11 +92,18 @@ class ZeroInvariantGroups:
     their gradients or any optimizer state of the same shapes).
 
     Example:
+        >>> import torch
         >>> from hf_oto import find_groups
-        >>> groups = find_groups(model, example_inputs)          # doctest: +SKIP
-        >>> params = groups.parameters(model)                    # doctest: +SKIP
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> groups = find_groups(model, (torch.randn(1, 4),))
+        >>> params = groups.parameters(model)
+        >>> len(groups), groups.num_prunable                     # the 8 hidden neurons are prunable
+        (14, 8)
         >>> norms = groups.norms(params)                         # one norm per group
-        >>> groups.zero_(params, norms < 1e-3)                   # project small groups to zero
+        >>> smallest = norms.masked_fill(~groups.prunable_mask, float("inf")).argsort()[:3]
+        >>> groups.zero_(params, torch.zeros(len(groups), dtype=torch.bool).index_fill(0, smallest, True))
+        >>> int(groups.zero_mask(params).sum())
+        3
     """
 
     def __init__(
@@ -235,6 +242,7 @@ class ZeroInvariantGroups:
             per_param[i].append((s.dim, vec))
         return per_param
 
+    @torch.no_grad()
     def scale_(self, tensors: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
         """In place: multiply every entry of group g by ``factors[g]`` (overlaps get the product)."""
         for t, mults in zip(tensors, self.multipliers(factors.to(tensors[0].device))):
@@ -243,6 +251,7 @@ class ZeroInvariantGroups:
                 shape[dim] = -1
                 t.mul_(vec.to(t.dtype).view(shape))
 
+    @torch.no_grad()
     def zero_(self, tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
         """In place: set every entry of the groups where ``mask`` is True to exactly zero."""
         mask = mask.to(tensors[0].device if tensors else "cpu")

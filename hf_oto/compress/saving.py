@@ -40,6 +40,11 @@ def from_pretrained(path: str | os.PathLike, model: torch.nn.Module | None = Non
 
     For Transformers checkpoints the class comes from the manifest's ``base_class``; for plain
     modules pass a freshly built, uncompressed ``model`` of the same class to receive the weights.
+    Extra keyword arguments go to ``from_pretrained`` of the Transformers class.
+
+    Example:
+        >>> small = hf_oto.from_pretrained("out/compressed")                   # doctest: +SKIP
+        >>> cnn = hf_oto.from_pretrained("out/cnn", model=MyCNN())              # doctest: +SKIP
     """
     plain = os.path.join(path, PLAIN_MANIFEST_FILE)
     if os.path.isfile(plain):

@@ -87,7 +87,13 @@ _REGISTRY: dict[str, type[CompressionMethod]] = {}
 
 
 def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
+    """Class decorator adding a method to the registry under ``cls.name``.
+
+    Example:
+        >>> @register_method                                     # doctest: +SKIP
+        ... class MyMethod(CompressionMethod):
+        ...     name = "mine"                                    # then oto_method="mine"
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     _REGISTRY[cls.name] = cls
@@ -95,6 +101,12 @@ def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
 
 
 def get_method(name: str) -> type[CompressionMethod]:
+    """The method class registered as ``name`` (what ``oto_method`` names); ValueError if none.
+
+    Example:
+        >>> get_method("hesso").name
+        'hesso'
+    """
     from . import _load_builtin_methods
 
     _load_builtin_methods()
@@ -104,6 +116,12 @@ def get_method(name: str) -> type[CompressionMethod]:
 
 
 def available_methods() -> list[str]:
+    """Names accepted by ``OTOTrainingArguments(oto_method=...)``, sorted.
+
+    Example:
+        >>> "sfw" in available_methods()
+        True
+    """
     from . import _load_builtin_methods
 
     _load_builtin_methods()

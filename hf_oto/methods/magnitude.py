@@ -21,6 +21,7 @@ class MagnitudePruning(CompressionMethod):
     """Remove the smallest-norm groups after dense training.
 
     Example:
+        >>> from hf_oto import OTOTrainingArguments
         >>> args = OTOTrainingArguments(output_dir="out", oto_method="magnitude", target_group_sparsity=0.3)
     """
 

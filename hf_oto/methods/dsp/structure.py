@@ -148,6 +148,7 @@ def block_penalty(energy: torch.Tensor, membership: torch.Tensor, layer_weight: 
 
 
 def hard_assignment(logits: torch.Tensor) -> torch.Tensor:
+    """Group index of every filter: the most likely group of its ``(groups, filters)`` logits."""
     return logits.argmax(dim=0)
 
 
