@@ -184,8 +184,7 @@ def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[st
         if module is not None and _NORM_MODULE.search(type(module).__name__):
             for d, lab in enumerate(inputs):
                 if lab is not None and lab.shape == site.labels.shape and np.array_equal(
-                        np.where(lab >= 0, roots[np.maximum(lab, 0)], -1),
-                        np.where(site.labels >= 0, roots[np.maximum(site.labels, 0)], -1)):
+                        _lookup(roots, lab), _lookup(roots, site.labels)):
                     dim = d - len(inputs)  # from the end: batch dims of later calls may differ
                     break
         if dim is None:
@@ -193,6 +192,11 @@ def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[st
         else:
             paddings.setdefault(site.module, (site.module, dim, inputs[dim + len(inputs)]))
     return list(paddings.values()), inexact
+
+
+def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``table[labels]`` where a label is set, -1 where it is not (labels use -1 for none)."""
+    return np.where(labels >= 0, table[np.maximum(labels, 0)], -1)
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -282,17 +286,15 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
 
     bindings = []
     for path, attr, divisor, site in bound:
-        comps = np.where(site.labels >= 0, roots[np.maximum(site.labels, 0)], -1)
-        gids = np.where(comps >= 0, gid_of[np.maximum(comps, 0)], -1)
-        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids.copy()),
+        gids = _lookup(gid_of, _lookup(roots, site.labels))
+        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids),
                                          divisor))
 
     norm_paddings = []
     for module, dim, labels in paddings:
-        comps = np.where(labels >= 0, roots[np.maximum(labels, 0)], -1)
-        gids = np.where(comps >= 0, gid_of[np.maximum(comps, 0)], -1)
+        gids = _lookup(gid_of, _lookup(roots, labels))
         if (gids >= 0).any():
-            norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids.copy())))
+            norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids)))
 
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
     return ZeroInvariantGroups(
