@@ -145,6 +145,10 @@ class ZeroInvariantGroups:
         self.param_names: list[str] = names
         pos = {n: i for i, n in enumerate(names)}
         self._param_slices = [(pos[s.tensor], s) for s in self.slices if s.is_param]
+        #: Slices whose positions cover their whole dimension: removing all their groups would
+        #: leave that dimension empty.
+        self.covering_slices = [s for s in self.slices
+                                if s.index.unique().numel() == self.tensor_shapes[s.tensor][s.dim]]
         self._device_cache: dict[torch.device, list[tuple[int, GroupSlice]]] = {}
 
     # -- container protocol ------------------------------------------------------------------
@@ -271,9 +275,8 @@ class ZeroInvariantGroups:
         remove = remove.bool().cpu().clone()
         while True:
             changed = False
-            for s in self.slices:
-                n = self.tensor_shapes[s.tensor][s.dim]
-                if s.index.unique().numel() < n or not remove[s.group].all():
+            for s in self.covering_slices:
+                if not remove[s.group].all():
                     continue
                 remove[s.group[0]] = False
                 changed = True

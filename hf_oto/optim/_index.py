@@ -56,15 +56,11 @@ class PrunableIndex:
         self.num_groups = len(groups)
         self.device = device
         prunable = groups.prunable_mask
-        pos = {n: i for i, n in enumerate(groups.param_names)}
         self.slices: list[_Slice] = []
-        for s in groups.slices:
-            if not s.is_param:
-                continue
+        for i, s in groups._param_slices:
             keep = prunable[s.group]
             if not keep.any():
                 continue
-            i = pos[s.tensor]
             dev = params[i].device
             index, group = s.index[keep], s.group[keep]
             order = torch.sort(group, stable=True).indices
@@ -75,10 +71,13 @@ class PrunableIndex:
         # groups are removed; selections must avoid that (see ``emptied``). Non-prunable groups
         # can never be removed, so only fully prunable, fully covering slices matter.
         self.full_dims: list[torch.Tensor] = []
-        for s in groups.slices:
-            n = groups.tensor_shapes[s.tensor][s.dim]
-            if s.index.unique().numel() == n and bool(prunable[s.group].all()):
+        for s in groups.covering_slices:
+            if bool(prunable[s.group].all()):
                 self.full_dims.append(s.group.unique().to(device))
+        #: Per parameter (index into ``param_names``) with a prunable slice: its sliced dims.
+        self.slice_dims: dict[int, tuple[int, ...]] = {}
+        for s in self.slices:
+            self.slice_dims[s.param] = self.slice_dims.get(s.param, ()) + (s.dim,)
 
     # -- reductions ------------------------------------------------------------------------------
     def sq_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -91,14 +90,6 @@ class PrunableIndex:
         weights = torch.zeros(1, len(tensors), 4)
         weights[0, :, 0] = 1
         return self.combine(rows, weights)[0]
-
-    @property
-    def slice_dims(self) -> dict[int, tuple[int, ...]]:
-        """Per parameter (index into ``param_names``) with a prunable slice: its sliced dims."""
-        out: dict[int, list[int]] = {}
-        for s in self.slices:
-            out.setdefault(s.param, []).append(s.dim)
-        return {i: tuple(d) for i, d in out.items()}
 
     def combine(self, rows: dict[tuple[int, int], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Per-group linear combinations of per-position statistics.
@@ -152,17 +143,16 @@ class PrunableIndex:
                 scale_positions_(t, dim, idx, factors.to(t.device)[grp], size)
 
 
-def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor, size: int,
-                     rest: float = 1.0) -> None:
-    """``t`` times ``values`` at positions ``idx`` along ``dim`` and times ``rest`` elsewhere.
+def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor, size: int) -> None:
+    """``t`` times ``values`` at positions ``idx`` along ``dim``.
 
     A broadcast multiply over the whole tensor when many positions change (one in-place pass),
-    else gather-multiply-scatter on those positions only (rest must then be 1).
+    else gather-multiply-scatter on those positions only.
     """
     shape = [1] * t.dim()
     shape[dim] = -1
-    if rest != 1.0 or 4 * idx.numel() > size:
-        vec = torch.full((size,), rest, dtype=t.dtype, device=t.device)
+    if 4 * idx.numel() > size:
+        vec = torch.ones((size,), dtype=t.dtype, device=t.device)
         vec[idx] = values.to(t.dtype)
         t.mul_(vec.view(shape))
     else:

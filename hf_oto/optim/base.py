@@ -162,7 +162,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         check_number("eps", eps, low=0.0)
 
         model = unwrap_model(model)
-        groups.check_model(model)  # ValueError: "these groups were built for another model ..."
+        gparams = groups.parameters(model)  # ValueError: "these groups were built for another model ..."
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -177,13 +177,12 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
 
         self.variant = variant
         self.groups = groups
-        named = dict(model.named_parameters(remove_duplicate=False))
-        self._gparams: list[torch.Tensor] = [named[n] for n in groups.param_names]
+        self._gparams: list[torch.Tensor] = gparams
         self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
         self.device = self._gparams[0].device if self._gparams else trainable[0].device
         self._index = PrunableIndex(groups, self._gparams, self.device)
         self._prunable = groups.prunable_mask.to(self.device)
-        self.num_prunable = int(self._prunable.sum())
+        self.num_prunable = groups.num_prunable
         n = len(groups)
         #: Everything a resumed run needs beyond torch's per-parameter state (see ``state_dict``).
         self._oto: dict[str, Any] = {

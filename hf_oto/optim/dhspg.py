@@ -155,8 +155,9 @@ class DHSPG(WindowedPruning):
         coef, cross, depth = self._halfspace(s, lam, nonzero, self.epsilon)
         cross = self._cap(cross, depth, room)  # deepest crossings first
         project |= cross
-        room -= int(cross.sum())
-        self._oto["num_halfspace"] += int(cross.sum())
+        crossed = int(cross.sum())
+        room -= crossed
+        self._oto["num_halfspace"] += crossed
         if t == length - 1 and room > 0:  # end of period: meet the target exactly
             left = nonzero & ~cross
             norm = torch.where(left, s["xx"], torch.full_like(s["xx"], math.inf))

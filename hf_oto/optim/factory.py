@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import GroupSparseOptimizer, unwrap_model
+from .base import GroupSparseOptimizer
 from .dhspg import DHSPG
 from .hesso import HESSO
 from .hspg import HSPG
@@ -78,7 +78,7 @@ def create_oto_optimizer(
     if groups is None:
         from ..graph import find_groups
 
-        groups = find_groups(unwrap_model(model))
+        groups = find_groups(model)  # it unwraps DDP / compiled models itself
     kwargs: dict[str, Any] = dict(variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                   nesterov=nesterov, betas=betas, eps=eps, start_pruning_step=start_pruning_step,
                                   pruning_steps=pruning_steps, param_groups=param_groups)

@@ -602,11 +602,6 @@ class GroupKSupportBall(ConstraintSet):
         out[self.num_group_blocks:] = rest.sqrt().cpu()
         return out
 
-    @torch.no_grad()
-    def group_norms(self, tensors: Sequence[Tensor]) -> Tensor:
-        """L2 norm of each group's owned entries (0 for unprunable groups)."""
-        return self._sq_parts(tensors)[0].sqrt()
-
 
 # -- the optimizer ---------------------------------------------------------------------------
 
@@ -779,12 +774,7 @@ class SFW(torch.optim.Optimizer):
         """
         if structure not in STRUCTURES:
             raise ValueError(f"unknown structure {structure!r}; choose from {STRUCTURES}")
-        trainable: list[Tensor] = []
-        seen: set[int] = set()
-        for _, p in model.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                trainable.append(p)
+        trainable = [p for p in model.parameters() if p.requires_grad]
         param_groups: list[dict[str, Any]] = []
         special: list[Tensor] = []
         if structure == "prune":
@@ -801,7 +791,7 @@ class SFW(torch.optim.Optimizer):
         elif structure == "low_rank":
             from ..compress.lowrank import low_rank_layers
 
-            ids = {id(_layer_weight(m)) for m in low_rank_layers(model).values()}
+            ids = {id(m.weight) for m in low_rank_layers(model).values()}
             special = [p for p in trainable if id(p) in ids]
             if special:
                 param_groups.append({"params": special, "constraint": "k_support_nuclear"})
@@ -866,10 +856,6 @@ class SFW(torch.optim.Optimizer):
     def contains(self, rtol: float = 1e-5) -> bool:
         """Whether every parameter lies in its set (the Frank-Wolfe invariant)."""
         return all(s.contains(ts, rtol) for s, ts in self.constraint_sets())
-
-
-def _layer_weight(module: nn.Module) -> Tensor:
-    return module.weight
 
 
 def _check_options(opts: dict[str, Any]) -> None:
