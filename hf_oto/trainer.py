@@ -116,9 +116,10 @@ class OTOTrainer(Trainer):
                 self.oto_groups.check_model(model)
             self._check_groups(self.oto_groups)
             self._oto_estimator = CompressionEstimator(model, self.oto_groups, inputs)
-            self._oto_dense = {"params": num_parameters(model), "flops": self._oto_estimator.total_flops}
+            flops = self._oto_estimator.total_flops
         else:
-            self._oto_dense = {"params": num_parameters(model), "flops": count_flops(model, inputs)}
+            flops = count_flops(model, inputs)
+        self._oto_dense = {"params": num_parameters(model), "flops": flops}
         if checkpoint:
             # The method's state (e.g. OPQ's allocation) must be back before prepare() rebuilds the
             # layers that the checkpoint's weights belong to.
@@ -259,8 +260,9 @@ class OTOTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         metrics = dict(self.oto_method.metrics(model, self.oto_groups))
         if self.oto_groups is not None and self._oto_estimator is not None:
-            zero = self._zero_groups(model)
+            zero = self.oto_method.zero_groups(model, self.oto_groups)
             metrics.setdefault("group_sparsity", float(zero.sum()) / max(1, self.oto_groups.num_prunable))
+            metrics.setdefault("num_zero_groups", float(zero.sum()))
             params, flops = self._oto_estimator.estimate(zero)
             metrics["kept_params"] = params
             metrics["kept_flops"] = flops
@@ -268,18 +270,13 @@ class OTOTrainer(Trainer):
             metrics["kept_flops_ratio"] = flops / max(1, self._oto_dense["flops"])
         return metrics
 
-    def _zero_groups(self, model: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return self.oto_groups.zero_mask(self.oto_groups.parameters(model)).cpu() & self.oto_groups.prunable_mask
-
     # -- after training ---------------------------------------------------------------------------
     def _oto_finish(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
         groups = self.oto_groups
-        removed = self._zero_groups(model) if groups is not None else None
+        removed = self.oto_method.zero_groups(model, groups) if groups is not None else None
         small = self.oto_method.finalize(model, groups)
-        # Methods that remove groups which are not zero (magnitude, SFW) say which ones.
-        if getattr(self.oto_method, "removed_groups", None) is not None:
+        if self.oto_method.removed_groups is not None:  # it removed groups that were not zero
             removed = self.oto_method.removed_groups
         self.compressed_model = small
         inputs = self._oto_inputs
@@ -310,12 +307,9 @@ class OTOTrainer(Trainer):
         self.oto_report.quantization = {k: stats[k] for k in ("compression_rate", "bits_per_weight", "bytes")
                                         if k in stats}
         self.oto_report.exact = False
-        if self.eval_dataset is not None and self.args.oto_check_compressed:
-            self.compressed_model = quantized
-            metrics = self.evaluate_compressed(metric_key_prefix="eval")
-            self.oto_report.metrics["quantized"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
-                                                    and not k.endswith(("runtime", "per_second", "epoch"))}
         self.compressed_model = quantized
+        if self.eval_dataset is not None and self.args.oto_check_compressed:
+            self.oto_report.metrics["quantized"] = _quality_metrics(self.evaluate_compressed(metric_key_prefix="eval"))
 
     def evaluate_compressed(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate the compressed model with this trainer's data, collator and metrics."""
@@ -331,9 +325,7 @@ class OTOTrainer(Trainer):
     def _check_compressed_metrics(self) -> None:
         sparse = self.evaluate(metric_key_prefix="eval")
         compressed = self.evaluate_compressed(metric_key_prefix="eval")
-        keep = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))  # noqa: E731
-                          and not k.endswith(("runtime", "per_second", "epoch"))}
-        sparse, compressed = keep(sparse), keep(compressed)
+        sparse, compressed = _quality_metrics(sparse), _quality_metrics(compressed)
         self.oto_report.metrics.update({"sparse": sparse, "compressed": compressed})
         if not self.oto_method.exact:
             return
@@ -438,6 +430,12 @@ class _OTOCallback(TrainerCallback):
 
 def _loss_of(output: Any) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output[0]
+
+
+def _quality_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Evaluation numbers that describe the model, not the run (no runtime, throughput, epoch)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))
+            and not k.endswith(("runtime", "per_second", "epoch"))}
 
 
 def _dataset_names(dataset: Any) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
-from trainer_utils import classification_data, classifier  # noqa: E402
+from trainer_utils import classification_data, classifier, zero_groups  # noqa: E402
 
 from hf_oto import OTOTrainer, OTOTrainingArguments  # noqa: E402
 
@@ -33,7 +33,7 @@ def main() -> None:
     trainer = SequentialOTOTrainer(model=classifier(), args=args, train_dataset=classification_data(n=64))
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    zero = trainer._zero_groups(model)
+    zero = zero_groups(trainer)
     result = {
         "world_size": trainer.args.world_size,
         "zero_groups": zero.nonzero().flatten().tolist(),

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from trainer_utils import classification_data, classifier, qa_data, qa_model
+from trainer_utils import classification_data, classifier, qa_data, qa_model, zero_groups
 from transformers import HfArgumentParser, TrainerCallback
 
 import hf_oto
@@ -256,7 +256,7 @@ def test_group_sparsity_reaches_the_target_and_compresses_exactly(tmp_path, meth
     trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path, method), train_dataset=data, eval_dataset=data)
     trainer.train()  # raises if the compressed model's metrics differ from the sparse model's
     groups = trainer.oto_groups
-    zero = trainer._zero_groups(trainer.model)
+    zero = zero_groups(trainer)
     target = round(0.4 * groups.num_prunable)
     assert abs(int(zero.sum()) - target) <= 1
     report = trainer.oto_report
@@ -283,7 +283,7 @@ def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected, got = _final_params(full), _final_params(resumed)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
-    assert torch.equal(full._zero_groups(full.model), resumed._zero_groups(resumed.model))
+    assert torch.equal(zero_groups(full), zero_groups(resumed))
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):

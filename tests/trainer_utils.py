@@ -37,3 +37,11 @@ def classifier(seed: int = 0) -> BertForSequenceClassification:
 def qa_model(seed: int = 0) -> BertForQuestionAnswering:
     torch.manual_seed(seed)
     return BertForQuestionAnswering(_config())
+
+
+def zero_groups(trainer) -> torch.Tensor:
+    """Prunable groups of the trainer's model that are exactly zero, from the groups alone."""
+    groups = trainer.oto_groups
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        return groups.zero_mask(groups.parameters(model)).cpu() & groups.prunable_mask

@@ -56,6 +56,9 @@ class CompressionMethod:
     needs_groups: ClassVar[bool] = True
     #: Whether ``finalize`` reproduces the trained model's outputs exactly.
     exact: ClassVar[bool] = True
+    #: Set by ``finalize`` when it removes groups that are not all zero (a bool mask over groups),
+    #: so the model card lists what was really removed.
+    removed_groups: torch.Tensor | None = None
 
     def prepare(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
         return model
@@ -72,6 +75,11 @@ class CompressionMethod:
 
     def metrics(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> dict[str, float]:
         return {}
+
+    def zero_groups(self, model: nn.Module, groups: ZeroInvariantGroups) -> torch.Tensor:
+        """Bool mask over groups: prunable and exactly zero now (what ``compress`` would remove)."""
+        with torch.no_grad():
+            return groups.zero_mask(groups.parameters(model)).cpu() & groups.prunable_mask
 
     def finalize(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
         raise NotImplementedError

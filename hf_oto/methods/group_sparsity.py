@@ -15,6 +15,7 @@ from torch import nn
 
 from ..compress import compress
 from ..groups import ZeroInvariantGroups
+from ..optim.base import PHASES
 from .base import CompressionMethod, TrainingSettings, register_method
 
 
@@ -45,10 +46,18 @@ class GroupSparsityMethod(CompressionMethod):
         return self.optimizer
 
     def metrics(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> dict[str, float]:
+        # The trainer adds group_sparsity and num_zero_groups from zero_groups(), computed once per log.
         if self.optimizer is None:
             return {}
-        m = self.optimizer.metrics()
-        return {k: m[k] for k in ("group_sparsity", "num_zero_groups", "target_group_sparsity", "phase") if k in m}
+        return {"target_group_sparsity": float(self.optimizer.target_group_sparsity or 0.0),
+                "phase": PHASES[self.optimizer.phase()]}
+
+    def zero_groups(self, model: nn.Module, groups: ZeroInvariantGroups) -> torch.Tensor:
+        # The optimizer's index sums over prunable groups only: the same mask, far cheaper than
+        # norms over every group (the hidden width spans the embeddings).
+        if self.optimizer is None:
+            return super().zero_groups(model, groups)
+        return self.optimizer.prunable_zero_groups()
 
     def finalize(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
         return compress(model, groups)

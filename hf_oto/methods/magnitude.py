@@ -30,15 +30,11 @@ class MagnitudePruning(CompressionMethod):
 
     def __init__(self) -> None:
         self.target = 0.5
-        self.removed_groups: torch.Tensor | None = None
 
     def create_optimizer(self, model: nn.Module, groups: ZeroInvariantGroups | None,
                          settings: TrainingSettings) -> torch.optim.Optimizer | None:
         self.target = settings.target_group_sparsity
         return None
-
-    def metrics(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> dict[str, float]:
-        return {}
 
     def finalize(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
         with torch.no_grad():

@@ -243,18 +243,18 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         """Bool over all groups: the groups chosen for removal so far (frozen or in progress)."""
         return (self._oto["committed"] | self._oto["active"]).cpu()
 
-    def _prunable_zero(self) -> torch.Tensor:
+    def prunable_zero_groups(self) -> torch.Tensor:
         """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
         with torch.no_grad():
             return ((self._index.sq_norms(self._gparams) == 0) & self._prunable).cpu()
 
     def group_sparsity(self) -> float:
         """Fraction of the prunable groups whose parameters are all exactly zero."""
-        return float(self._prunable_zero().sum()) / max(self.num_prunable, 1)
+        return float(self.prunable_zero_groups().sum()) / max(self.num_prunable, 1)
 
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging: sparsity, counts, target and phase (0 warm-up, 1 pruning, 2 done)."""
-        zero = int(self._prunable_zero().sum())
+        zero = int(self.prunable_zero_groups().sum())
         return {
             "group_sparsity": zero / max(self.num_prunable, 1),
             "num_zero_groups": float(zero),
