@@ -314,6 +314,9 @@ def test_sfw_through_the_trainer(tmp_path, options):
     trainer.train()
     report = trainer.oto_report
     assert report.params_after < report.params_before and not report.exact
+    if "prune_ratio" in options:  # the card's per-layer table counts the groups really removed
+        removed = sum(row["removed"] for row in report.layers)
+        assert removed == int(0.3 * trainer.oto_groups.num_prunable) > 0
     folder = trainer.save_compressed()
     again = hf_oto.from_pretrained(folder)
     inputs = trainer._oto_inputs

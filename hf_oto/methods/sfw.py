@@ -139,14 +139,16 @@ class SFWMethod(CompressionMethod):
         return out
 
     def finalize(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
-        from ..compress import compress
+        from ..compress import compress, smallest_groups
         from ..compress.lowrank import decompose_low_rank
 
         opts = self.options
         result = model
         if groups is not None:
             if opts.prune_ratio:
-                result = compress(model, groups, ratio=opts.prune_ratio, scope=opts.prune_scope)
+                self.removed_groups = smallest_groups(groups, groups.parameters(model), opts.prune_ratio,
+                                                      opts.prune_scope)
+                result = compress(model, groups, remove=self.removed_groups)
             else:
                 result = compress(model, groups)
         elif opts.prune_ratio:
