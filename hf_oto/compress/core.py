@@ -230,9 +230,14 @@ def _layer_sizes(module: nn.Module) -> dict[str, Any]:
         return {"embedding_dim": weight.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"num_parameters": weight.shape[0]}
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+    if is_gpt2_conv1d(module):
         return {"nf": weight.shape[1], "nx": weight.shape[0]}
     return {}
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """Transformers' GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _merge(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

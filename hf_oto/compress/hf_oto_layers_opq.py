@@ -74,6 +74,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream.view(count, bits).to(torch.int64) * weights).sum(1)
 
 
+def storage_bits(numel: int, num_kept: int, bits: int, has_mask: bool, scale_bits: int, num_outliers: int) -> int:
+    """Bits of one quantized weight as the compression rate defines them: the mask (one bit per
+    weight, if any), the codes of the kept weights, the scales (``scale_bits`` in all), the float32
+    codebook of ``2 ** bits`` entries and 48 bits per outlier (index and fp16 value)."""
+    return (numel if has_mask else 0) + num_kept * bits + scale_bits + 32 * 2 ** bits + 48 * num_outliers
+
+
 def dequantize(codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """``codebook[codes] * scale`` of each weight's channel, in float32.
 
@@ -149,9 +156,10 @@ class OPQLayer(nn.Module):
             return torch.ones(self.weight_shape, dtype=torch.bool, device=self.codes.device)
         return unpack_bits(self.mask, 1, numel).bool().view(self.weight_shape)
 
-    def code_tensor(self) -> torch.Tensor:
-        """The code of every weight (0 at pruned positions), ``int64`` in the weight's shape."""
-        mask = self.kept_mask()
+    def code_tensor(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The code of every weight (0 at pruned positions), ``int64`` in the weight's shape;
+        ``mask`` is :meth:`kept_mask` when the caller already has it."""
+        mask = self.kept_mask() if mask is None else mask
         codes = torch.zeros(mask.shape, dtype=torch.int64, device=self.codes.device)
         codes[mask] = unpack_bits(self.codes, self.bits, self.num_kept)
         return codes
@@ -163,7 +171,7 @@ class OPQLayer(nn.Module):
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         mask = self.kept_mask()
-        values = dequantize(self.codebook, self.code_tensor(), self.scales, self.channel_dim)
+        values = dequantize(self.codebook, self.code_tensor(mask), self.scales, self.channel_dim)
         weight = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
         weight = weight.to(getattr(torch, self.weight_dtype))
         if self.outlier_index.numel():
@@ -196,10 +204,8 @@ class OPQLayer(nn.Module):
         """Bits of the quantized weight as defined by the compression rate: mask + codes + scales +
         codebook + outliers (the byte padding of each packed tensor excluded; the bias is not a
         weight)."""
-        numel = _numel(self.weight_shape)
-        return ((numel if self.has_mask else 0) + self.num_kept * self.bits
-                + self.scales.numel() * self.scales.element_size() * 8 + self.codebook.numel() * 32
-                + self.outlier_index.numel() * 48)
+        return storage_bits(_numel(self.weight_shape), self.num_kept, self.bits, self.has_mask,
+                            self.scales.numel() * self.scales.element_size() * 8, self.outlier_index.numel())
 
     def extra_repr(self) -> str:
         numel = _numel(self.weight_shape)

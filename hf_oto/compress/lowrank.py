@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .core import is_gpt2_conv1d
 from .hf_oto_layers_lowrank import LowRankConv, LowRankLinear
 from .manifest import update_manifest
 
@@ -32,15 +33,10 @@ class LowRankDecision:
         return asdict(self)
 
 
-def _is_conv1d_gpt2(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def _matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as an (out, in) matrix."""
     w = module.weight.detach()
-    if _is_conv1d_gpt2(module):
+    if is_gpt2_conv1d(module):
         return w.t()
     return w.reshape(w.shape[0], -1)
 
@@ -76,7 +72,7 @@ def low_rank_layers(
         elif isinstance(module, nn.modules.conv._ConvNd):
             if module.transposed or module.groups != 1 or any(k != 1 for k in module.kernel_size):
                 continue
-        elif not _is_conv1d_gpt2(module):
+        elif not is_gpt2_conv1d(module):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or len(users.get(id(weight), ())) > 1:
@@ -155,7 +151,7 @@ def decompose_low_rank(
         decisions.append(LowRankDecision(path, full, rank, factorize))
         if not factorize:
             dense = second @ first
-            layer.weight.copy_(dense.t() if _is_conv1d_gpt2(layer) else dense.reshape(layer.weight.shape))
+            layer.weight.copy_(dense.t() if is_gpt2_conv1d(layer) else dense.reshape(layer.weight.shape))
             continue
         new = _factorized(layer, rank)
         new.first.weight.copy_(first.reshape(new.first.weight.shape))
@@ -177,7 +173,7 @@ def _factorized(layer: nn.Module, rank: int) -> nn.Module:
     has_bias = getattr(layer, "bias", None) is not None
     if isinstance(layer, nn.Linear):
         return LowRankLinear(layer.in_features, layer.out_features, rank, bias=has_bias)
-    if _is_conv1d_gpt2(layer):
+    if is_gpt2_conv1d(layer):
         in_f, out_f = layer.weight.shape
         return LowRankLinear(in_f, out_f, rank, bias=has_bias)
     dims = len(layer.kernel_size)

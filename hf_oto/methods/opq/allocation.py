@@ -52,6 +52,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ...compress.core import is_gpt2_conv1d
+from ...compress.hf_oto_layers_opq import storage_bits
 from . import theory
 from .config import OPQConfig
 
@@ -61,11 +63,6 @@ FP16_MAX = 6.5e4
 
 # -- layers ------------------------------------------------------------------------------------------
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") \
-        and hasattr(module, "nf")
-
-
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d_hf"``, ``"conv"``, ``"embedding"`` or ``None`` (unsupported).
 
@@ -73,7 +70,7 @@ def layer_kind(module: nn.Module) -> str | None:
     """
     if type(module) is nn.Linear:
         return "linear"
-    if _is_hf_conv1d(module):
+    if is_gpt2_conv1d(module) and type(module).__module__.startswith("transformers"):
         return "conv1d_hf"
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return "conv"
@@ -230,8 +227,8 @@ class LayerAllocation:
     @property
     def storage_bits(self) -> int:
         """Bits stored for this weight (see the module doc for the definition)."""
-        return ((self.numel if self.has_mask else 0) + self.num_kept * self.bits
-                + self.num_scales * self.scale_bits + 32 * 2 ** self.bits + 48 * self.num_outliers)
+        return storage_bits(self.numel, self.num_kept, self.bits, self.has_mask,
+                            self.num_scales * self.scale_bits, self.num_outliers)
 
 
 @dataclass

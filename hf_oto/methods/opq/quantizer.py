@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...compress.hf_oto_layers_opq import dequantize
+from ...compress.hf_oto_layers_opq import dequantize, storage_bits
 from . import theory
 from .allocation import LayerAllocation, fit_scales, normalized_magnitudes
 
@@ -190,8 +190,8 @@ def quantization_stats(model: nn.Module) -> dict[str, float]:
         k = q.num_kept
         numel += n
         kept += k
-        bits += (n if q.has_mask else 0) + k * q.bits + q.scales.numel() * q.scales.element_size() * 8 \
-            + 32 * 2 ** q.bits + 48 * q.outlier_index.numel()
+        bits += storage_bits(n, k, q.bits, q.has_mask, q.scales.numel() * q.scales.element_size() * 8,
+                             q.outlier_index.numel())
     if not numel:
         return {}
     return {"opq_bits_per_weight": bits / numel, "opq_compression_rate": 32.0 * numel / bits,
