@@ -21,6 +21,11 @@ class JsonConfigMixin:
         >>> from hf_oto.graph import GroupConfig
         >>> GroupConfig.from_json(GroupConfig(prune_hidden=True).to_json()).prune_hidden
         True
+        >>> GroupConfig.from_options({"prune_heads": False}, prune_hidden=True).prune_heads
+        False
+        >>> GroupConfig().replace(prune_head=False)
+        Traceback (most recent call last):
+        ValueError: unknown GroupConfig fields ['prune_head']; known: [...]
     """
 
     # Name used in the unknown-option error, e.g. "sfw options".
@@ -43,3 +48,13 @@ class JsonConfigMixin:
     @classmethod
     def from_json(cls: type[_Config], text: str) -> _Config:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_options(cls: type[_Config], config: _Config | dict[str, Any] | None = None, **options: Any) -> _Config:
+        """A new config from an instance, a dict or nothing, with ``options`` on top."""
+        base = {} if config is None else dict(config) if isinstance(config, dict) else config.to_dict()
+        return cls.from_dict({**base, **options})
+
+    def replace(self: _Config, **options: Any) -> _Config:
+        """A copy with ``options`` changed (checked like :meth:`from_dict`)."""
+        return type(self).from_options(self, **options)

@@ -116,8 +116,7 @@ class SFWMethod(CompressionMethod):
         from ..optim.sfw import SFW
 
         if settings.options:
-            merged = {**self.options.to_dict(), **settings.options}
-            self.options = SFWOptions.from_dict(merged)
+            self.options = self.options.replace(**settings.options)
         opts = self.options
         lr = opts.lr if opts.lr is not None else settings.learning_rate
         if lr < 1e-3:

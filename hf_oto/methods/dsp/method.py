@@ -66,8 +66,7 @@ class DSP(CompressionMethod):
     exact = True
 
     def __init__(self, config: DSPConfig | None = None, *, example_inputs: Any = None, **options: Any) -> None:
-        base = config.to_dict() if config is not None else {}
-        self.config = DSPConfig.from_dict({**base, **options})
+        self.config = DSPConfig.from_options(config, **options)
         self.example_inputs = example_inputs
         self.layers: dict[str, nn.Module] = {}
         self.skipped: dict[str, str] = {}
@@ -124,7 +123,7 @@ class DSP(CompressionMethod):
         parameters) and a group of its own for the logits (``assignment_lr``, no decay)."""
         options = dict(settings.options or {})
         if options:
-            merged = DSPConfig.from_dict({**self.config.to_dict(), **options})
+            merged = self.config.replace(**options)
             structural = any(getattr(merged, k) != getattr(self.config, k) for k in _STRUCTURAL)
             self.config = merged
             if structural or not self.layers:

@@ -431,14 +431,6 @@ def _records_to_layers(records, stats: _Stats, choice, sse, t) -> list[LayerAllo
     return out
 
 
-def _config_from(config: OPQConfig | None, kwargs: dict[str, Any]) -> OPQConfig:
-    if config is None:
-        return OPQConfig(**kwargs)
-    if kwargs:
-        return OPQConfig.from_dict({**config.to_dict(), **kwargs})
-    return config
-
-
 def allocate(model: nn.Module, config: OPQConfig | None = None, **kwargs: Any) -> OPQAllocation:
     """Per-layer bit widths and pruning ratios for ``config.target_rate``, from the weights only.
 
@@ -452,7 +444,7 @@ def allocate(model: nn.Module, config: OPQConfig | None = None, **kwargs: Any) -
         >>> [(l.name, l.bits, round(l.prune_ratio, 2)) for l in alloc][:2]   # doctest: +SKIP
         [('bert.encoder.layer.0.attention.self.query', 3, 0.41), ...]
     """
-    config = _config_from(config, kwargs)
+    config = OPQConfig.from_options(config, **kwargs)
     layers, skipped = quantizable_layers(model, config)
     if not layers:
         raise ValueError(f"no layer of types {config.layer_types} to quantize in {type(model).__name__}"

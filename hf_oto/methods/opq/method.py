@@ -42,13 +42,7 @@ class OPQMethod(CompressionMethod):
 
     def __init__(self, config: OPQConfig | dict[str, Any] | None = None, *,
                  allocation: OPQAllocation | None = None, **options: Any) -> None:
-        if isinstance(config, dict):
-            config = OPQConfig.from_dict({**config, **options})
-        elif config is None:
-            config = OPQConfig.from_dict(options)
-        elif options:
-            config = OPQConfig.from_dict({**config.to_dict(), **options})
-        self.config = config
+        self.config = OPQConfig.from_options(config, **options)
         self.allocation = allocation
 
     def prepare(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> nn.Module:
