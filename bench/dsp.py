@@ -36,12 +36,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hf_oto import compress, find_groups  # noqa: E402
 from hf_oto.compress.core import _run, max_relative_difference  # noqa: E402
+from hf_oto.measure import count_flops  # noqa: E402
 from hf_oto.methods.base import TrainingSettings  # noqa: E402
 from hf_oto.methods.dsp import DSP, convert, describe  # noqa: E402
 
@@ -91,14 +91,6 @@ class SmallVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    model.eval()
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops()
 
 
 def accuracy(model: nn.Module, data) -> float:
@@ -206,7 +198,7 @@ def main() -> None:
     example = (test_set[0][:4],)
     dense = SmallVGG()
     train(dense, train_set, args.dense_steps, torch.optim.AdamW(dense.parameters(), lr=2e-3), seed=0)
-    dense_flops = flops(dense, example[0])
+    dense_flops = count_flops(dense, example[0])
     rows = {"dense": (dense, dense_flops)}
     learn = int(round(0.6 * args.steps))
 
@@ -214,14 +206,14 @@ def main() -> None:
     exact = max_relative_difference(_run(dsp_model, test_set[0][:64]), _run(dsp_split, test_set[0][:64]))
     dsp_grouped = convert(dsp_model, method.assignments, groups=groups, mode="grouped")
     dsp_nofold = convert(dsp_model, method.assignments, groups=groups, mode="split", fold=False)
-    dsp_flops = flops(dsp_split, example[0])
+    dsp_flops = count_flops(dsp_split, example[0])
     rows["dsp"] = (dsp_split, dsp_flops)
     if not args.no_ablation:
         *_, plain = run_dsp(dense, train_set, example, args, 0.0, args.allocation)
-        rows["dsp, penalty 0"] = (plain, flops(plain, example[0]))
+        rows["dsp, penalty 0"] = (plain, count_flops(plain, example[0]))
         if args.allocation != "global":
             *_, authors = run_dsp(dense, train_set, example, args, args.penalty, "global")
-            rows["dsp, global alloc."] = (authors, flops(authors, example[0]))
+            rows["dsp, global alloc."] = (authors, count_flops(authors, example[0]))
 
     # Channel pruning to the same FLOPs, same schedule.
     chan = copy.deepcopy(dense)
@@ -231,13 +223,13 @@ def main() -> None:
     lo, hi = 0.0, 0.99
     for _ in range(20):
         mid = (lo + hi) / 2
-        small_flops = flops(compress(chan, chan_groups, remove=uniform_channel_mask(chan, chan_groups, mid)),
-                            example[0])
+        small_flops = count_flops(compress(chan, chan_groups, remove=uniform_channel_mask(chan, chan_groups, mid)),
+                                  example[0])
         lo, hi = (lo, mid) if small_flops <= dsp_flops else (mid, hi)
     chan_small = compress(chan, chan_groups, remove=uniform_channel_mask(chan, chan_groups, hi))
     opt = torch.optim.AdamW(chan_small.parameters(), lr=1e-3)
     train(chan_small, train_set, args.steps - learn, opt, start=learn + 1, seed=2)
-    rows["channel pruning"] = (chan_small, flops(chan_small, example[0]))
+    rows["channel pruning"] = (chan_small, count_flops(chan_small, example[0]))
     train_seconds = time.perf_counter() - started
 
     models = {"dense": dense, "channel": chan_small, "dsp split": dsp_split, "dsp grouped": dsp_grouped,

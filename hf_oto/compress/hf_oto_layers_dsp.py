@@ -57,7 +57,6 @@ class _DSPLayer(nn.Module):
             raise ValueError(f"every group needs at least one input and one output, got {in_sizes}, {out_sizes}")
         if mode == "grouped" and (len(set(in_sizes)) > 1 or len(set(out_sizes)) > 1):
             raise ValueError("grouped mode needs groups of equal (padded) sizes")
-        self.in_features_total = in_features
         self.out_features_total = out_features
         self.in_sizes = [int(s) for s in in_sizes]
         self.out_sizes = [int(s) for s in out_sizes]
@@ -81,6 +80,10 @@ class _DSPLayer(nn.Module):
         # The bias is stored per computed row (group order, padding rows included) so that each
         # kernel adds its own slice and the output index moves it along with the row.
         self.bias = nn.Parameter(torch.zeros(self.rows, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_manifest(cls, spec: dict[str, Any]) -> "_DSPLayer":
+        return cls(**{k: v for k, v in spec.items() if k != "type"})
 
     def _common_spec(self) -> dict[str, Any]:
         return {"in_sizes": list(self.in_sizes), "out_sizes": list(self.out_sizes), "mode": self.mode,
@@ -184,11 +187,6 @@ class DSPConv(_DSPLayer):
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "padding_mode": self.padding_mode, **self._common_spec()}
 
-    @classmethod
-    def from_manifest(cls, spec: dict[str, Any]) -> "DSPConv":
-        args = {k: v for k, v in spec.items() if k != "type"}
-        return cls(**args)
-
     def _run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
         if self.padding_mode != "zeros":
             return self._conv(F.pad(x, self._pad, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
@@ -240,10 +238,6 @@ class DSPLinear(_DSPLayer):
     def manifest_spec(self) -> dict[str, Any]:
         return {"type": "DSPLinear", "in_features": self.in_features, "out_features": self.out_features,
                 **self._common_spec()}
-
-    @classmethod
-    def from_manifest(cls, spec: dict[str, Any]) -> "DSPLinear":
-        return cls(**{k: v for k, v in spec.items() if k != "type"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "split":

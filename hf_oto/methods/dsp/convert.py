@@ -31,7 +31,7 @@ from ...compress.core import CompressionError, _run, max_relative_difference
 from ...compress.hf_oto_layers_dsp import DSPConv, DSPLinear
 from ...compress.manifest import update_manifest
 from ...groups import ZeroInvariantGroups
-from .structure import LOGITS
+from .structure import LOGITS, group_reads
 
 
 @dataclass
@@ -103,12 +103,9 @@ def plan_layer(path: str, weight: torch.Tensor, assignment: torch.Tensor) -> Lay
     assignment = assignment.detach().cpu().long()
     if assignment.shape != (n,):
         raise ValueError(f"assignment of {path!r} must have one group id per filter ({n}), got {tuple(assignment.shape)}")
-    nonzero = w.reshape(n, c, -1).ne(0).any(-1)
     _, label = torch.unique(assignment, return_inverse=True)
-    groups = int(label.max()) + 1
-    onehot = torch.zeros(groups, n)
-    onehot[label, torch.arange(n)] = 1.0
-    reads = (onehot @ nonzero.float()) > 0                # (G, C)
+    _, reads = group_reads(w, label)                      # (G, C)
+    groups = reads.shape[0]
     live = reads.any(1)
     constant = torch.zeros(0, dtype=torch.long)
     if not live.any():

@@ -100,10 +100,7 @@ class DSP(CompressionMethod):
         self.total_flops, self.costs = profile(model, inputs, list(self.layers))
         mean_unit = sum(c.unit_macs for c in self.costs.values()) / len(self.costs)
         self._layer_weight = {p: c.unit_macs / mean_unit for p, c in self.costs.items()}
-        target = self.target
-        if target is not None and target > max_reduction(self.costs, self.total_flops):
-            raise ValueError(f"flops_reduction={target:.2f} is out of reach: the layers DSP may restructure hold "
-                             f"{self.dsp_flops_share:.1%} of the model's FLOPs (skipped: {self._skipped_text()})")
+        self._check_target()
         gen = torch.Generator().manual_seed(self.config.seed)
         for path, module in self.layers.items():
             existing = module._parameters.get(LOGITS)
@@ -132,9 +129,7 @@ class DSP(CompressionMethod):
         self._trainer_harden_step = int(getattr(settings, "pruning_end_step", 0) or 0)
         target = getattr(settings, "target_group_sparsity", None)
         self._trainer_target = float(target) if target is not None else None
-        if self.target is not None and self.target > max_reduction(self.costs, self.total_flops):
-            raise ValueError(f"flops_reduction={self.target:.2f} is out of reach: the layers DSP may restructure "
-                             f"hold {self.dsp_flops_share:.1%} of the model's FLOPs")
+        self._check_target()
         logits = [m._parameters[LOGITS] for m in self.layers.values()]
         ids = {id(p) for p in logits}
         decay, no_decay = [], []
@@ -214,8 +209,7 @@ class DSP(CompressionMethod):
             self.harden(model)
         apply_masks(self.layers, self.masks)
         self.report = []
-        inputs = self.example_inputs if self.example_inputs is not None else getattr(groups, "example_inputs", None)
-        return convert(model, self.assignments, groups=groups, example_inputs=inputs, mode=self.config.mode,
+        return convert(model, self.assignments, groups=groups, example_inputs=self.example_inputs, mode=self.config.mode,
                        grouped_padding=self.config.grouped_padding, fold=self.config.fold, report=self.report)
 
     def state_dict(self) -> dict[str, Any]:
@@ -355,6 +349,11 @@ class DSP(CompressionMethod):
         return 2 * removed / self.total_flops
 
     # -- helpers -----------------------------------------------------------------------------
+    def _check_target(self) -> None:
+        if self.target is not None and self.target > max_reduction(self.costs, self.total_flops):
+            raise ValueError(f"flops_reduction={self.target:.2f} is out of reach: the layers DSP may restructure hold "
+                             f"{self.dsp_flops_share:.1%} of the model's FLOPs (skipped: {self._skipped_text()})")
+
     def _inputs(self, model: nn.Module, groups: ZeroInvariantGroups | None) -> Any:
         inputs = self.example_inputs if self.example_inputs is not None else getattr(groups, "example_inputs", None)
         if inputs is None:

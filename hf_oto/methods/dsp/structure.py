@@ -196,14 +196,20 @@ def profile(model: nn.Module, inputs: Any, paths: list[str]) -> tuple[int, dict[
     return int(counter.get_total_flops()), costs
 
 
+def group_reads(weight: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-hot ``(groups, filters)`` matrix of ``label`` (a group id per filter) and the
+    ``(groups, input channels)`` mask of the channels in which any of a group's filters is non-zero."""
+    n, c = weight.shape[:2]
+    nonzero = weight.detach().reshape(n, c, -1).ne(0).any(-1).float()
+    onehot = torch.zeros(int(label.max()) + 1, n, device=weight.device)
+    onehot[label, torch.arange(n, device=weight.device)] = 1.0
+    return onehot, (onehot @ nonzero) > 0
+
+
 def structure_macs(weight: torch.Tensor, assignment: torch.Tensor, cost: LayerCost) -> int:
     """Multiply-adds of the layer once converted: each group's filters times the input channels in
     which any of them has a non-zero weight."""
-    nonzero = weight.detach().reshape(weight.shape[0], weight.shape[1], -1).ne(0).any(-1).float()
-    groups = int(assignment.max()) + 1
-    onehot = torch.zeros(groups, weight.shape[0], device=weight.device)
-    onehot[assignment, torch.arange(weight.shape[0], device=weight.device)] = 1.0
-    kept = (onehot @ nonzero) > 0                    # (G, C) channels each group reads
+    onehot, kept = group_reads(weight, assignment)
     return int((onehot.sum(1) * kept.sum(1)).sum().item()) * cost.unit_macs
 
 
