@@ -134,3 +134,13 @@ def test_trivial_layers_are_left_alone():
     small = convert(model, assignments, groups=groups, report=report)
     assert isinstance(small.features[3][0], torch.nn.Conv2d)
     assert report[0].mode == "dense" and not report[0].replaced
+
+
+def test_profile_counts_the_same_flops_as_the_trainer_on_attention_models():
+    """The FLOPs target is a share of the model's total: fused attention must be in that total."""
+    model, inputs = build("bert-seq-cls")
+    layers, _ = find_dsp_layers(model, DSPConfig(min_in_channels=2))
+    assert layers
+    total, costs = profile(model, inputs, list(layers))
+    assert total == count_flops(model, inputs)
+    assert set(costs) == set(layers)

@@ -40,9 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ...graph.inputs import call_with
+from ...measure import count_flops
 from .config import DSPConfig
 
 #: Name of the logits parameter DSP registers on every layer it trains.
@@ -177,14 +176,9 @@ def profile(model: nn.Module, inputs: Any, paths: list[str]) -> tuple[int, dict[
         return fn
 
     handles = [m.register_forward_hook(hook(p)) for p, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
-            call_with(model, inputs)
+        total = count_flops(model, inputs)  # the trainer's count, fused attention included
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     costs = {}
@@ -193,7 +187,7 @@ def profile(model: nn.Module, inputs: Any, paths: list[str]) -> tuple[int, dict[
             raise ValueError(f"layer {p!r} did not run on the example inputs; exclude it from DSP")
         kernel = math.prod(m.weight.shape[2:]) if m.weight.dim() > 2 else 1
         costs[p] = LayerCost(filters=m.weight.shape[0], inputs=m.weight.shape[1], unit_macs=kernel * positions[p])
-    return int(counter.get_total_flops()), costs
+    return int(total), costs
 
 
 def group_reads(weight: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
