@@ -57,14 +57,14 @@ def magnitude_at(trainer, params: int):
     return compress(model, groups, remove=mask)
 
 
-def evaluate(trainer, model) -> dict[str, float]:
-    saved = trainer.model, trainer.model_wrapped
-    trainer.model = trainer.model_wrapped = model
-    try:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-    finally:
-        trainer.model, trainer.model_wrapped = saved
+def quality(metrics: dict[str, float]) -> dict[str, float]:
     return {"exact_match": metrics["eval_exact_match"], "f1": metrics["eval_f1"]}
+
+
+def evaluate_baseline(trainer, model) -> dict[str, float]:
+    """The trainer's evaluation of another compressed model (the magnitude baseline)."""
+    trainer.compressed_model = model
+    return quality(trainer.evaluate_compressed())
 
 
 def main() -> None:
@@ -77,20 +77,22 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.time()
 
+    # The trainers already evaluated and measured their models (--oto_check_compressed): rows
+    # come from their reports.
     dense = run("magnitude", 0.0, args)  # dense fine-tuning: magnitude with nothing to remove
     dense_model = dense.accelerator.unwrap_model(dense.model)
     inputs = dense._oto_inputs
-    rows = [{"model": "dense fine-tuned", "params": num_parameters(dense_model),
-             "flops": count_flops(dense_model, inputs), **evaluate(dense, dense_model)}]
+    report = dense.oto_report
+    rows = [{"model": "dense fine-tuned", "params": report.params_before, "flops": report.flops_before,
+             **quality(report.metrics["sparse"])}]
     for target in args.targets:
         oto = run("hesso", target, args)
-        small = oto.compressed_model
-        params = num_parameters(small)
-        rows.append({"model": f"OTO hesso, target {target}", "params": params, "flops": count_flops(small, inputs),
-                     **evaluate(oto, small)})
-        baseline = magnitude_at(dense, params)
+        small, report = oto.compressed_model, oto.oto_report
+        rows.append({"model": f"OTO hesso, target {target}", "params": report.params_after,
+                     "flops": report.flops_after, **quality(report.metrics["compressed"])})
+        baseline = magnitude_at(dense, report.params_after)
         rows.append({"model": "magnitude, same params", "params": num_parameters(baseline),
-                     "flops": count_flops(baseline, inputs), **evaluate(dense, baseline)})
+                     "flops": count_flops(baseline, inputs), **evaluate_baseline(dense, baseline)})
         latency_dense, latency_small = measure_latency(dense_model, small, inputs=inputs)
         rows[-2]["latency_ratio"] = latency_dense / latency_small
 
