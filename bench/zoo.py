@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hf_oto  # noqa: E402
 from hf_oto import compress, find_groups  # noqa: E402
 from hf_oto.compress.core import _run  # noqa: E402
+from hf_oto.measure import num_parameters  # noqa: E402
 from hf_oto.testing.zoo import TRANSFORMERS_ZOO, ZOO, build  # noqa: E402
 
 
@@ -39,49 +40,41 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.is_floating_point())
 
 
-def zoo_row(name: str) -> dict:
-    model, inputs = build(name)
+def measure(name: str, model: torch.nn.Module, inputs=None) -> tuple[dict, torch.nn.Module, list[torch.Tensor]]:
+    """Time the analysis and ``compress`` with 45% of the groups zeroed; the row, the small model
+    and its outputs. ``inputs=None`` lets ``find_groups`` make them."""
     start = time.perf_counter()
     groups = find_groups(model, inputs)
     analysis = time.perf_counter() - start
     zero_fraction(model, groups, 0.45)
-    before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     small = compress(model, groups).eval()
     compress_s = time.perf_counter() - start
-    after = sum(p.numel() for p in small.parameters())
+    inputs = groups.example_inputs if inputs is None else inputs
     reference, result = _run(model, inputs), _run(small, inputs)
+    found = ", ".join(f"{k} {v['prunable']}/{v['total']}" for k, v in sorted(groups.counts().items()))
+    row = {"model": name, "groups": found, "analysis_s": analysis, "compress_s": compress_s,
+           "params": f"{num_parameters(model)} -> {num_parameters(small)}",
+           "max_abs_diff": max_abs_diff(reference, result), "reload": "-"}
+    return row, small, result
+
+
+def zoo_row(name: str) -> dict:
+    model, inputs = build(name)
+    row, small, result = measure(name, model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         hf_oto.save_pretrained(small, tmp)
         fresh = None if name in TRANSFORMERS_ZOO else build(name)[0]
         again = hf_oto.from_pretrained(tmp, model=fresh) if fresh is not None else hf_oto.from_pretrained(tmp)
-        reload_ok = max_abs_diff(result, _run(again, inputs)) == 0.0
-    counts = groups.counts()
-    found = ", ".join(f"{k} {v['prunable']}/{v['total']}" for k, v in sorted(counts.items()))
-    return {"model": name, "groups": found, "analysis_s": analysis, "compress_s": compress_s,
-            "params": f"{before} -> {after}", "max_abs_diff": max_abs_diff(reference, result),
-            "reload": "ok" if reload_ok else "FAILED"}
+        row["reload"] = "ok" if max_abs_diff(result, _run(again, inputs)) == 0.0 else "FAILED"
+    return row
 
 
 def bert_base_row() -> dict:
     from transformers import BertConfig, BertForQuestionAnswering
 
     torch.manual_seed(0)
-    model = BertForQuestionAnswering(BertConfig()).eval()
-    start = time.perf_counter()
-    groups = find_groups(model)
-    analysis = time.perf_counter() - start
-    zero_fraction(model, groups, 0.45)
-    before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    small = compress(model, groups)
-    compress_s = time.perf_counter() - start
-    after = sum(p.numel() for p in small.parameters())
-    diff = max_abs_diff(_run(model, groups.example_inputs), _run(small, groups.example_inputs))
-    counts = groups.counts()
-    found = ", ".join(f"{k} {v['prunable']}/{v['total']}" for k, v in sorted(counts.items()))
-    return {"model": "bert-base (12x768)", "groups": found, "analysis_s": analysis, "compress_s": compress_s,
-            "params": f"{before} -> {after}", "max_abs_diff": diff, "reload": "-"}
+    return measure("bert-base (12x768)", BertForQuestionAnswering(BertConfig()).eval())[0]
 
 
 def main() -> None:
