@@ -87,11 +87,16 @@ def dequantize(codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     Shared by the fine-tuning quantizer and the exported layers, so that both compute the very
     same float32 values (exported models then reproduce the fine-tuned outputs bit for bit).
     """
-    values = codebook[codes]
-    shape = [1] * codes.dim()
+    return codebook[codes] * channel_scales(scales, codes.dim(), channel_dim)
+
+
+def channel_scales(scales: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """``scales`` in float32, shaped to broadcast along ``channel_dim`` of an ``ndim``-dim weight
+    (one scale: a scalar for every channel)."""
+    shape = [1] * ndim
     if scales.numel() > 1:
         shape[channel_dim] = scales.numel()
-    return values * scales.to(torch.float32).reshape(shape)
+    return scales.to(torch.float32).reshape(shape)
 
 
 class OPQLayer(nn.Module):

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ...compress.core import is_gpt2_conv1d
-from ...compress.hf_oto_layers_opq import storage_bits
+from ...compress.hf_oto_layers_opq import channel_scales, storage_bits
 from . import theory
 from .config import OPQConfig
 
@@ -150,13 +150,16 @@ def fit_scales(weight: torch.Tensor, channel_dim: int, family: str, per_channel:
     return scales
 
 
+def normalized_weight(weight: torch.Tensor, channel_dim: int, scales: torch.Tensor) -> torch.Tensor:
+    """``w / s_c`` in float32, in the weight's shape. All-zero channels have scale 0: any code
+    times 0 is 0, so they are divided by 1 instead."""
+    s = channel_scales(scales, weight.dim(), channel_dim)
+    return weight.detach().float() / torch.where(s == 0, torch.ones_like(s), s)
+
+
 def normalized_magnitudes(weight: torch.Tensor, channel_dim: int, scales: torch.Tensor) -> torch.Tensor:
     """``|w| / s_c`` in the weight's shape (0 where a channel's scale is 0)."""
-    shape = [1] * weight.dim()
-    if scales.numel() > 1:
-        shape[channel_dim] = scales.numel()
-    s = scales.float().reshape(shape)
-    return (weight.detach().float() / torch.where(s == 0, torch.ones_like(s), s)).abs()
+    return normalized_weight(weight, channel_dim, scales).abs()
 
 
 def count_outliers(weight: torch.Tensor, channel_dim: int, family: str, scales: torch.Tensor) -> int:
@@ -398,10 +401,11 @@ def _layer_stats(layers: list[tuple[str, nn.Module, str]], config: OPQConfig):
         stored = fit_scales(weight, cdim, family, config.channel_scales)
         scales = stored.double()
         outliers = count_outliers(weight, cdim, family, stored) if config.outliers else 0
-        records.append((name, kind, list(weight.shape), family, scales, outliers))
+        scale_bits = stored.element_size() * 8
+        records.append((name, kind, list(weight.shape), family, scales.numel(), scale_bits, outliers))
         sigma2.append(float(scales.pow(2).mean()))
         numel.append(weight.numel())
-        overhead.append(scales.numel() * stored.element_size() * 8 + 48 * outliers)
+        overhead.append(scales.numel() * scale_bits + 48 * outliers)
         laplace.append(family == "laplace")
         cap = float(theory.threshold_for_ratio(family, config.max_prune))
         t_max.append(min(cap, theory.GAUSSIAN_T_MAX) if family == "gaussian" else cap)
@@ -416,7 +420,7 @@ def _layer_stats(layers: list[tuple[str, nn.Module, str]], config: OPQConfig):
 
 def _records_to_layers(records, stats: _Stats, choice, sse, t) -> list[LayerAllocation]:
     out = []
-    for i, (name, kind, shape, family, scales, outliers) in enumerate(records):
+    for i, (name, kind, shape, family, num_scales, scale_bits, outliers) in enumerate(records):
         bits, masked = choice[i]
         numel = math.prod(shape)
         kept = numel
@@ -425,8 +429,7 @@ def _records_to_layers(records, stats: _Stats, choice, sse, t) -> list[LayerAllo
         out.append(LayerAllocation(
             name=name, kind=kind, shape=shape, family=family, sigma2=float(stats.sigma2[i]), bits=int(bits),
             num_kept=int(kept), has_mask=bool(masked), threshold=float(t[i]) if masked else 0.0,
-            num_scales=int(scales.numel()),
-            scale_bits=int(round((float(stats.overhead[i]) - 48 * outliers) / scales.numel())),
+            num_scales=int(num_scales), scale_bits=int(scale_bits),
             predicted_mse=float(sse[i]) / numel, num_outliers=int(outliers)))
     return out
 

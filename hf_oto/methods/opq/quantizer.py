@@ -20,7 +20,7 @@ from torch import nn
 
 from ...compress.hf_oto_layers_opq import dequantize, storage_bits
 from . import theory
-from .allocation import LayerAllocation, fit_scales, normalized_magnitudes
+from .allocation import LayerAllocation, fit_scales, normalized_magnitudes, normalized_weight
 
 
 class OPQQuantizer(nn.Module):
@@ -53,19 +53,11 @@ class OPQQuantizer(nn.Module):
     def num_kept(self) -> int:
         return int(self.mask.sum())
 
-    def _channel_scales(self, ndim: int) -> torch.Tensor:
-        shape = [1] * ndim
-        if self.scales.numel() > 1:
-            shape[self.channel_dim] = self.scales.numel()
-        s = self.scales.to(torch.float32).reshape(shape)
-        # All-zero channels have scale 0: any code times 0 is 0, so only avoid dividing by it.
-        return torch.where(s == 0, torch.ones_like(s), s)
-
     @torch.no_grad()
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The codebook index of every weight (``int64``, weight shape; arbitrary where pruned)."""
         levels = 2 ** (self.bits - 1)
-        u = weight.detach().float() / self._channel_scales(weight.dim())
+        u = normalized_weight(weight, self.channel_dim, self.scales)
         magnitude = torch.floor((u.abs() - self.threshold) / self.step).clamp(0, levels - 1).long()
         return magnitude + levels * (u < 0).long()
 
