@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -640,6 +640,18 @@ class WindowedPruning(GroupSparseOptimizer):
     def _period_target(self, period: int) -> int:
         """Zero groups to reach by the end of ``period``."""
         return cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+
+    def _choose_redundant(self, target: int, priority: Callable[[torch.Tensor], torch.Tensor],
+                          extra: int = 0) -> None:
+        """Start a period: the groups still missing to ``target`` zero groups (plus ``extra``)
+        with the lowest ``priority(candidates)`` become active; candidates are the prunable groups
+        not yet frozen."""
+        committed = self._oto["committed"]
+        count = target - int(committed.sum())
+        candidates = self._prunable & ~committed
+        if count <= 0 or not candidates.any():
+            return
+        self._oto["active"] = self._select(count + extra, priority(candidates), candidates)
 
 
 def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[int, int, int] | None:

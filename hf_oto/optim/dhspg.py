@@ -175,12 +175,6 @@ class DHSPG(WindowedPruning):
         return StepPlan(penalty=coef, penalized=self._positions("active", active), project=project)
 
     def _start_period(self, target: int, s: dict[str, torch.Tensor]) -> None:
-        committed = self._oto["committed"]
-        count = target - int(committed.sum())
-        candidates = self._prunable & ~committed
-        if count <= 0 or not candidates.any():
-            return
-        spare = math.ceil(self.tolerance_group_sparsity * self.num_prunable)
         # _select takes the lowest priority: negate the redundancy.
-        self._oto["active"] = self._select(count + spare, -redundancy_scores(s, self._sizes, candidates),
-                                           candidates)
+        self._choose_redundant(target, lambda candidates: -redundancy_scores(s, self._sizes, candidates),
+                               extra=math.ceil(self.tolerance_group_sparsity * self.num_prunable))

@@ -135,11 +135,7 @@ class HESSO(WindowedPruning):
         return StepPlan(shrink=factor, shrunk=self._positions("active", active))
 
     def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
-        target = self._period_target(period)
-        committed = self._oto["committed"]
-        count = target - int(committed.sum())
-        candidates = self._prunable & ~committed
-        if count <= 0 or not candidates.any():
-            return
-        score = importance_scores(self.importance_criteria, s, self._sizes, candidates)
-        self._oto["active"] = self._select(count, score, candidates)
+        def score(candidates: torch.Tensor) -> torch.Tensor:
+            return importance_scores(self.importance_criteria, s, self._sizes, candidates)
+
+        self._choose_redundant(self._period_target(period), score)
