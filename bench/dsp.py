@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hf_oto import compress, find_groups  # noqa: E402
 from hf_oto.compress.core import _run, max_relative_difference  # noqa: E402
-from hf_oto.measure import count_flops  # noqa: E402
+from hf_oto.measure import count_flops, measure_latency  # noqa: E402
 from hf_oto.methods.base import TrainingSettings  # noqa: E402
 from hf_oto.methods.dsp import DSP, convert, describe  # noqa: E402
 
@@ -125,19 +124,7 @@ def train(model, data, steps, optimizer, method=None, start=1, batch=64, seed=0,
 
 def latencies(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, reps: int) -> dict[str, float]:
     """Median seconds per forward, models interleaved round by round so load changes hit all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval()
-            for _ in range(3):
-                m(x)
-        for _ in range(rounds):
-            for name, m in models.items():
-                start = time.perf_counter()
-                for _ in range(reps):
-                    m(x)
-                samples[name].append((time.perf_counter() - start) / reps)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return dict(zip(models, measure_latency(*models.values(), inputs=x, repeats=rounds, number=reps)))
 
 
 # -- the comparison ------------------------------------------------------------------------------
