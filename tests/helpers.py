@@ -55,6 +55,7 @@ from hf_oto.compress.core import _run, max_relative_difference
 resave, found = sys.argv[1] == "1", {}
 for path in sys.argv[2:]:
     ref = torch.load(path + "/reference.pt")
+    torch.set_num_threads(ref["threads"])  # threads split reductions: same split, same sums
     auto = next(iter(json.load(open(path + "/config.json"))["auto_map"]))
     remote = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
     models = [remote, hf_oto.from_pretrained(path)]
@@ -71,8 +72,10 @@ print(json.dumps(found))
 
 
 def save_reference(model, inputs, path) -> None:
-    """Outputs of a saved model on its inputs, for :func:`reload_in_fresh_process`."""
-    torch.save({"inputs": inputs, "outputs": outputs(model, inputs)}, os.path.join(path, "reference.pt"))
+    """Outputs of a saved model on its inputs, for :func:`reload_in_fresh_process`, with the
+    thread count they were computed with (the reload uses the same)."""
+    torch.save({"inputs": inputs, "outputs": outputs(model, inputs), "threads": torch.get_num_threads()},
+               os.path.join(path, "reference.pt"))
 
 
 def reload_in_fresh_process(paths, cwd, resave: bool = False) -> dict:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import outputs, relative_difference, reload_in_fresh_process, zero_random_groups
+from helpers import outputs, relative_difference, reload_in_fresh_process, save_reference, zero_random_groups
 from torch import nn
 
 import hf_oto
@@ -150,7 +150,7 @@ def saved_transformers(tmp_path_factory):
     cases["bert-qa-structured"] = (quantize(pruned, target_rate=10.0).eval(), inputs)
     for name, (small, inputs) in cases.items():
         small.save_pretrained(root / name)
-        torch.save({"inputs": inputs, "outputs": outputs(small, inputs)}, root / name / "reference.pt")
+        save_reference(small, inputs, root / name)
     return root, cases
 
 

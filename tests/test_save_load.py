@@ -88,3 +88,12 @@ def test_plain_module_save_and_reload(name, tmp_path):
     assert relative_difference(outputs(small, inputs), outputs(again, inputs)) == 0
     with pytest.raises(ValueError, match="model="):
         hf_oto.from_pretrained(tmp_path)
+
+
+def test_reloaded_weights_own_aligned_memory(saved):
+    """Weights loaded from safetensors are views into the mapped file at its (unaligned) offsets,
+    where CPU kernels sum in another order; the HfOto class gives each one its own allocation."""
+    _, path = saved["resnet"]
+    again = hf_oto.from_pretrained(path)
+    tensors = list(again.parameters()) + list(again.buffers())
+    assert all(t.data_ptr() % 64 == 0 for t in tensors if t.numel())
