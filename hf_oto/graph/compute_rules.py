@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .atoms import CONV, EMBED, HEAD, STRUCTURE
+from .signs import POSITIVE
 from .trace import OpContext
 
 aten = torch.ops.aten
@@ -36,7 +37,8 @@ def broadcast(ctx: OpContext, tensors: list[torch.Tensor], out_shape, what: str)
     return res
 
 
-# Pointwise functions that blow up at zero: a zeroed channel would turn into inf/nan.
+# Pointwise functions that blow up at zero: a zeroed channel would turn into inf/nan, unless the
+# argument is provably positive (a statistic plus epsilon, see signs.py).
 _SINGULAR_AT_ZERO = {"reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "lgamma"}
 
 
@@ -44,12 +46,14 @@ def pointwise(ctx: OpContext, args, kwargs, out):
     tensors = _tensors(args, kwargs)
     name = ctx.func.overloadpacket.__name__.rstrip("_")
     if name in _SINGULAR_AT_ZERO:
-        for lab in ctx.lab(tensors[0]):
-            ctx.unprunable(lab, f"{name} is singular at zero")
+        if ctx.tracer.sign(tensors[0]) != POSITIVE:
+            for lab in ctx.lab(tensors[0]):
+                ctx.unprunable(lab, f"{name} is singular at zero")
     elif name in ("div", "floor_divide", "remainder", "fmod") and len(tensors) > 1 and tensors[1] is args[1]:
-        for lab in ctx.lab(tensors[1]):
-            ctx.unprunable(lab, "division by a prunable dimension")
-    elif name == "pow" and isinstance(args[1], (int, float)) and args[1] < 0:
+        if name != "div" or ctx.tracer.sign(tensors[1]) != POSITIVE:
+            for lab in ctx.lab(tensors[1]):
+                ctx.unprunable(lab, "division by a prunable dimension")
+    elif name == "pow" and isinstance(args[1], (int, float)) and args[1] < 0 and ctx.tracer.sign(args[0]) != POSITIVE:
         for lab in ctx.lab(tensors[0]):
             ctx.unprunable(lab, "negative power")
     if isinstance(out, torch.Tensor):

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .atoms import MIXED, UNPRUNABLE, AtomTable
+from .signs import sign_of
 
 # Torch functions whose integer arguments come from the model's own code. Inside any other torch
 # function (F.linear, torch.flatten, F.scaled_dot_product_attention, ...) sizes are derived.
@@ -107,7 +108,8 @@ class TraceResult:
     output_labels: list[np.ndarray]
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     norm_sites: list[NormSite] = field(default_factory=list)
-    module_inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    module_inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # first call's first input
+    module_outputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # and its first output
 
 
 class OpContext:
@@ -236,7 +238,10 @@ class ChannelTracer:
         self.unsupported: list[str] = []
         self.norm_sites: list[NormSite] = []
         self.module_inputs: dict[str, list[np.ndarray | None]] = {}
+        self.module_outputs: dict[str, list[np.ndarray | None]] = {}
         self.used: set[str] = set()
+        # Labelled outputs known to be >= 0 or > 0 (see signs.py); the tensor is kept so its id stays.
+        self.signs: dict[int, tuple[torch.Tensor, int]] = {}
         self.tensor_names: dict[str, list[str]] = {}
         self.tensor_is_param: dict[str, bool] = {}
         self.tensor_atoms: dict[str, list[np.ndarray | None]] = {}
@@ -314,6 +319,15 @@ class ChannelTracer:
                 )
         result = rule(ctx, args, kwargs, out)
         self._assign(out, result)
+        if isinstance(out, torch.Tensor) and id(out) in self.labels:
+            sign = sign_of(func, args, kwargs, self.sign)
+            if sign:
+                self.signs[id(out)] = (out, sign)
+
+    def sign(self, t: torch.Tensor) -> int:
+        """Recorded sign of a labelled tensor (signs.NONNEG, signs.POSITIVE) or 0 if unknown."""
+        entry = self.signs.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else 0
 
     def _label_factory(self, func: Any, out: torch.Tensor) -> None:
         ctx = OpContext(self, func)
@@ -345,7 +359,7 @@ class ChannelTracer:
         names = {id(m): n for n, m in self.model.named_modules()}
         stack = self.module_stack
 
-        module_inputs = self.module_inputs
+        module_inputs, module_outputs = self.module_inputs, self.module_outputs
 
         def pre_hook(module, args):
             name = names.get(id(module), stack[-1])
@@ -355,9 +369,13 @@ class ChannelTracer:
                 entry = self.labels.get(id(first))
                 module_inputs[name] = list(entry[1]) if entry is not None else [None] * first.dim()
 
-        def post_hook(module, _args, _out):
-            if len(stack) > 1:
-                stack.pop()
+        def post_hook(module, _args, out):
+            name = stack.pop() if len(stack) > 1 else stack[-1]
+            first = out if isinstance(out, torch.Tensor) else next(
+                (o for o in out if isinstance(o, torch.Tensor)), None) if isinstance(out, (tuple, list)) else None
+            if first is not None and name not in module_outputs:
+                entry = self.labels.get(id(first))
+                module_outputs[name] = list(entry[1]) if entry is not None else [None] * first.dim()
 
         handles = [
             torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
@@ -387,6 +405,7 @@ class ChannelTracer:
             modules=dict(self.model.named_modules()),
             norm_sites=self.norm_sites,
             module_inputs=self.module_inputs,
+            module_outputs=self.module_outputs,
         )
 
 
