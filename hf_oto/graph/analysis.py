@@ -22,7 +22,6 @@ RULES = {**SHAPE_RULES, **COMPUTE_RULES}
 
 # Attribute names that look like sizes win over other integer attributes of the same value.
 _SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|embed|inner|group", re.I)
-_NORM_MODULE = re.compile(r"norm", re.I)
 _NEVER_A_SIZE = re.compile(r"^(layer_idx|layer_id|idx|index|id|seed|step|version|rank|world_size)$")
 
 
@@ -167,31 +166,58 @@ def _check_consistency(trace: TraceResult, bound, roots: np.ndarray) -> None:
                                  f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
 
 
-def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int]]:
-    """Norm modules whose statistics can stay exact by zero-padding their input to full width.
+def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int], dict[int, int]]:
+    """Modules whose statistics over a prunable dimension stay exact when they run on their input
+    zero-padded back to full width (the removed positions were exactly zero in the sparse model).
 
-    A site qualifies when it runs inside a module named like a norm and normalises a dimension of
-    that module's first input. Returns the paddings (module, input dim, atoms) and the components
-    normalised somewhere that cannot be padded (their removal stays approximate).
+    A site (an op computing statistics over the dimension) qualifies when, in the innermost module
+    running it, the dimension is one of the module's first input and of its first output (so the
+    padded positions can be dropped again on the way out), and no submodule holds a tensor of the
+    same structures (it would be sliced while the module runs at full width). LayerNorm, RMSNorm,
+    per-projection q/k norms and ConvNeXt V2's global response norm all have this form.
+
+    Returns the paddings (module, dim from the end, atoms of the first input along it), the
+    components normalised somewhere that cannot be padded (their removal is approximate), and for
+    each normalised component the number of modules normalising it.
     """
     paddings: dict[str, tuple[str, int, np.ndarray]] = {}
     inexact: set[int] = set()
+    sites_of: dict[int, set[str]] = {}
     for site in trace.norm_sites:
-        comps = roots[site.labels[site.labels >= 0]]
-        module = trace.modules.get(site.module)
-        inputs = trace.module_inputs.get(site.module, [])
-        dim = None
-        if module is not None and _NORM_MODULE.search(type(module).__name__):
-            for d, lab in enumerate(inputs):
-                if lab is not None and lab.shape == site.labels.shape and np.array_equal(
-                        _lookup(roots, lab), _lookup(roots, site.labels)):
-                    dim = d - len(inputs)  # from the end: batch dims of later calls may differ
-                    break
+        comps = np.unique(roots[site.labels[site.labels >= 0]])
+        for c in comps.tolist():
+            sites_of.setdefault(c, set()).add(site.module)
+        dim = _paddable_dim(trace, roots, site)
         if dim is None:
-            inexact.update(np.unique(comps).tolist())
+            inexact.update(comps.tolist())
         else:
+            inputs = trace.module_inputs[site.module]
             paddings.setdefault(site.module, (site.module, dim, inputs[dim + len(inputs)]))
-    return list(paddings.values()), inexact
+    return list(paddings.values()), inexact, {c: len(m) for c, m in sites_of.items()}
+
+
+def _paddable_dim(trace: TraceResult, roots: np.ndarray, site) -> int | None:
+    """The dimension (counted from the end) along which ``site``'s module can run padded, or None."""
+    if site.module not in trace.modules:
+        return None
+    inputs = trace.module_inputs.get(site.module, [])
+    outputs = trace.module_outputs.get(site.module, [])
+    want = _lookup(roots, site.labels)
+    for d, lab in enumerate(inputs):
+        if lab is None or lab.shape != site.labels.shape or not np.array_equal(_lookup(roots, lab), want):
+            continue
+        back = d - len(inputs)
+        out = outputs[back] if len(outputs) >= -back else None
+        if out is None or out.shape != lab.shape or not np.array_equal(_lookup(roots, out), want):
+            return None
+        comps = np.unique(want[want >= 0])
+        prefix = site.module + "." if site.module else ""
+        for o in trace.atoms.owners:
+            if o.tensor.startswith(prefix) and "." in o.tensor[len(prefix):] and np.isin(
+                    roots[o.start:o.start + o.size], comps).any():
+                return None
+        return back
+    return None
 
 
 def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -230,7 +256,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
     bound = _bind_sites(trace, structural)
     _check_consistency(trace, bound, roots)
-    paddings, inexact_comps = _norm_paddings(trace, roots)
+    paddings, inexact_comps, normalising_modules = _norm_paddings(trace, roots)
     flags = atoms.component_flags(roots)
     blocked = flags.get(UNPRUNABLE, {})
 
@@ -267,16 +293,23 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     excluded = [re.compile(p) for p in config.exclude]
     groups: list[ZeroInvariantGroup] = []
     for g, comp in enumerate(candidates.tolist()):
-        if comp in embeds or comp in mixed:
-            kind = "hidden"
-        elif comp in heads:
+        # Heads stay heads when a q/k norm or a shared bias table also touches them. The residual
+        # stream is what the embeddings write, or what norms in several modules normalise; a
+        # width normalised by one module only (a norm inside an MLP, ConvNeXt V2's GRN) keeps its
+        # kind and is exact only where that module can run padded.
+        if comp in heads:
             kind = "head"
+        elif comp in embeds or normalising_modules.get(comp, 0) > 1:
+            kind = "hidden"
         elif comp in convs:
             kind = "channel"
         else:
             kind = "neuron"
         layer = _common_prefix(members[g])
         reason = blocked.get(comp, "")
+        if not reason and kind != "hidden" and comp in inexact_comps:
+            reason = (f"removal changes statistics the module cannot keep by running padded: "
+                      f"{mixed.get(comp, 'normalised')}")
         if not reason and not config.enabled(kind):
             reason = f"{kind} pruning is off (GroupConfig.prune_{'hidden' if kind == 'hidden' else kind + 's'})"
         if not reason and any(p.search(layer) for p in excluded):
