@@ -16,13 +16,10 @@ from .compute_rules import unsupported
 from .config import GroupConfig
 from .inputs import call_with, default_example_inputs
 from .shape_rules import RULES as SHAPE_RULES
-from .trace import ChannelTracer, SizeSite, TraceResult
+from .sizes import bind_sizes
+from .trace import ChannelTracer, TraceResult
 
 RULES = {**SHAPE_RULES, **COMPUTE_RULES}
-
-# Attribute names that look like sizes win over other integer attributes of the same value.
-_SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|embed|inner|group", re.I)
-_NEVER_A_SIZE = re.compile(r"^(layer_idx|layer_id|idx|index|id|seed|step|version|rank|world_size)$")
 
 
 def find_groups(
@@ -74,96 +71,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = inner
         else:
             return model
-
-
-def _unit_size(labels: np.ndarray) -> int:
-    """How many positions each atom holds along a dimension, when that is uniform.
-
-    After ``(h, d) -> h*d`` each head's atom fills ``d`` positions; after ``(b, h) -> b*h`` it
-    fills ``b``. A literal size there is the number of units times this multiplicity.
-    """
-    _, counts = np.unique(labels[labels >= 0], return_counts=True)
-    return int(counts[0]) if counts.size and (counts == counts[0]).all() else 1
-
-
-_COUNT_NAME = re.compile(r"head|num_|^n_|count", re.I)
-_NOT_A_COUNT = re.compile(r"dim|size", re.I)
-
-
-def _attributes_equal_to(module: torch.nn.Module, value: int, counts_units: bool) -> list[str]:
-    """Integer attributes of ``module`` equal to ``value``; among several, the names that fit the
-    role win (a count of heads vs. a width), so ``num_heads == head_dim`` is not ambiguous."""
-    matches = [k for k, v in vars(module).items()
-               if type(v) is int and v == value and not _NEVER_A_SIZE.match(k) and not k.startswith("_")]
-    if len(matches) <= 1:
-        return matches
-    if counts_units:
-        preferred = [k for k in matches if _COUNT_NAME.search(k) and not _NOT_A_COUNT.search(k)]
-    else:
-        preferred = [k for k in matches if _SIZE_NAME.search(k)]
-    return preferred or matches
-
-
-def _bind_sites(trace: TraceResult, structural: np.ndarray) -> list[tuple[str, str, int, SizeSite]]:
-    """Attach each literal size to the module attribute that holds it, or flag the dimension.
-
-    A literal like ``self.num_heads * self.head_dim`` has no attribute of its own: when the
-    dimension is made of equal units (heads), the attribute holding the number of units is bound
-    with the unit size as divisor.
-    """
-    bound: list[tuple[str, str, int, SizeSite]] = []
-    for site in trace.sites:
-        atoms = site.labels[site.labels >= 0]
-        if not structural[atoms].any():
-            continue  # the dimension never meets a parameter's structure (a sequence length)
-        value = abs(site.value)
-        unit = _unit_size(site.labels)
-        path = site.module
-        found: list[tuple[str, int]] = []
-        while True:
-            module = trace.modules.get(path)
-            if module is not None:
-                found = [(a, 1) for a in _attributes_equal_to(module, value, site.units)]
-                if not found and unit > 1 and value % unit == 0:
-                    found = [(a, unit) for a in _attributes_equal_to(module, value // unit, True)]
-            if found or not path:
-                break
-            path = path.rpartition(".")[0]
-        if not found:
-            trace.atoms.flag(site.labels, UNPRUNABLE,
-                             f"module '{site.module or '<root>'}' writes the size {site.value} of this "
-                             f"dimension in its code ({site.op}) and holds it in no attribute")
-            continue
-        bound.extend((path, attr, divisor, site) for attr, divisor in found)
-    return bound
-
-
-def _multiset(roots: np.ndarray, labels: np.ndarray, divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Components along a dimension with their multiplicities (in units of ``divisor``)."""
-    comps, counts = np.unique(roots[labels[labels >= 0]], return_counts=True)
-    return comps, counts / divisor
-
-
-def _same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
-    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-
-
-def _check_consistency(trace: TraceResult, bound, roots: np.ndarray) -> None:
-    """Sizes that must stay equal (split chunks, one attribute used twice) must shrink alike."""
-    for eq in trace.equal_shrink:
-        first = _multiset(roots, eq.parts[0])
-        if any(not _same(first, _multiset(roots, p)) for p in eq.parts[1:]):
-            for p in eq.parts:
-                trace.atoms.flag(p, UNPRUNABLE, f"chunks of {eq.op} in '{eq.module}' would shrink unequally")
-    by_attr: dict[tuple[str, str], list[tuple[SizeSite, int]]] = {}
-    for path, attr, divisor, site in bound:
-        by_attr.setdefault((path, attr), []).append((site, divisor))
-    for (path, attr), sites in by_attr.items():
-        first = _multiset(roots, sites[0][0].labels, sites[0][1])
-        if any(not _same(first, _multiset(roots, s.labels, d)) for s, d in sites[1:]):
-            for s, _ in sites:
-                trace.atoms.flag(s.labels, UNPRUNABLE,
-                                 f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
 
 
 def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int], dict[int, int]]:
@@ -254,8 +161,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     has_param = np.zeros(atoms.n, dtype=bool)
     has_param[roots[param_atoms]] = True
     structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
-    bound = _bind_sites(trace, structural)
-    _check_consistency(trace, bound, roots)
+    bound = bind_sizes(trace, structural, roots)
     paddings, inexact_comps, normalising_modules = _norm_paddings(trace, roots)
     flags = atoms.component_flags(roots)
     blocked = flags.get(UNPRUNABLE, {})
@@ -318,10 +224,9 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                                          exact=comp not in inexact_comps))
 
     bindings = []
-    for path, attr, divisor, site in bound:
-        gids = _lookup(gid_of, _lookup(roots, site.labels))
-        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids),
-                                         divisor))
+    for b in bound:
+        gids = _lookup(gid_of, _lookup(roots, b.labels))
+        bindings.append(AttributeBinding(b.module, b.attribute, b.value, b.sign, torch.from_numpy(gids), b.divisor))
 
     norm_paddings = []
     for module, dim, labels in paddings:

@@ -84,9 +84,12 @@ def reshape_labels(
                 out[bo[k]] = first
                 coarsened.add(bo[k])
     if literal is not None:
-        for k, lab in enumerate(out):
-            if lab is not None and k < len(literal):
-                ctx.site(int(literal[k]), lab, "reshape size", units=k in coarsened)
+        n = len(literal)
+        for k, lab in enumerate(out[:n]):
+            if lab is not None:
+                ctx.site(int(literal[k]), lab, "reshape size", units=k in coarsened, position=k, length=n)
+            else:
+                ctx.fixed(int(literal[k]), "reshape size", position=k, length=n)
     return out
 
 
@@ -102,9 +105,10 @@ def expand(ctx: OpContext, args, kwargs, out):
     res: list[np.ndarray | None] = [None] * lead
     for d, labels in enumerate(lab):
         if labels is not None and x.shape[d] == out.shape[lead + d]:
-            ctx.site(int(size[lead + d]), labels, "expand size")
+            ctx.site(int(size[lead + d]), labels, "expand size", position=lead + d, length=len(size))
             res.append(labels)
         else:
+            ctx.fixed(int(size[lead + d]), "expand size", position=lead + d, length=len(size))
             res.append(None)
     return res
 
