@@ -60,7 +60,8 @@ class AttributeBinding:
     """A module attribute holding the size of a prunable dimension (``split_size``, ``num_heads``).
 
     Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept),
-    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions.
+    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions, plus
+    ``offset`` when the code adds a constant (``self.num_heads + 2`` rows of a fused projection).
     """
 
     module: str
@@ -69,6 +70,7 @@ class AttributeBinding:
     sign: int
     group: torch.Tensor
     divisor: int = 1
+    offset: int = 0
 
 
 @dataclass
@@ -408,7 +410,7 @@ class ZeroInvariantGroups:
             "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
             "tensor_aliases": self.tensor_aliases,
             "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
-                          "sign": b.sign, "group": b.group.tolist(), "divisor": b.divisor}
+                          "sign": b.sign, "group": b.group.tolist(), "divisor": b.divisor, "offset": b.offset}
                          for b in self.bindings],
             "unprunable_tensors": self.unprunable_tensors,
             "unsupported_ops": self.unsupported_ops,
@@ -429,7 +431,7 @@ class ZeroInvariantGroups:
             tensor_aliases=state["tensor_aliases"],
             config=GroupConfig.from_dict(state["config"]),
             bindings=[AttributeBinding(b["module"], b["attribute"], b["value"], b["sign"], long(b["group"]),
-                                       b["divisor"]) for b in state["bindings"]],
+                                       b["divisor"], b.get("offset", 0)) for b in state["bindings"]],
             unprunable_tensors=state["unprunable_tensors"],
             unsupported_ops=state["unsupported_ops"],
             norm_paddings=[NormPadding(p["module"], p["dim"], long(p["group"]))

@@ -151,7 +151,7 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
         if kept % b.divisor:
             raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
                                    f"positions but {kept} positions remain")
-        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor)
+        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor + b.offset)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:

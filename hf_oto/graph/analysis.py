@@ -153,7 +153,10 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                 if lab is not None:
                     atoms.flag(lab, UNPRUNABLE, "parameter not used in the traced forward pass")
     roots = atoms.components()
-    structure = atoms.component_flags(roots).get(STRUCTURE, {})
+    early = atoms.component_flags(roots)
+    structure = early.get(STRUCTURE, {})
+    frozen = np.zeros(atoms.n, dtype=bool)
+    frozen[np.fromiter(early.get(UNPRUNABLE, {}), dtype=np.int64)] = True
     param_atoms = np.zeros(atoms.n, dtype=bool)
     for o in atoms.owners:
         if o.is_param:
@@ -161,7 +164,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     has_param = np.zeros(atoms.n, dtype=bool)
     has_param[roots[param_atoms]] = True
     structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
-    bound = bind_sizes(trace, structural, roots)
+    bound = bind_sizes(trace, structural, roots, frozen)
     paddings, inexact_comps, normalising_modules = _norm_paddings(trace, roots)
     flags = atoms.component_flags(roots)
     blocked = flags.get(UNPRUNABLE, {})
@@ -226,7 +229,8 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     bindings = []
     for b in bound:
         gids = _lookup(gid_of, _lookup(roots, b.labels))
-        bindings.append(AttributeBinding(b.module, b.attribute, b.value, b.sign, torch.from_numpy(gids), b.divisor))
+        bindings.append(AttributeBinding(b.module, b.attribute, b.value, b.sign, torch.from_numpy(gids), b.divisor,
+                                         b.offset))
 
     norm_paddings = []
     for module, dim, labels in paddings:

@@ -49,6 +49,7 @@ class AtomTable:
         self._union_a: list[np.ndarray] = []
         self._union_b: list[np.ndarray] = []
         self._flags: list[tuple[np.ndarray, str, str]] = []
+        self._broadcast: list[tuple[int, int]] = []  # atom ranges of broadcast dimensions
 
     def allocate(self, tensor: str, is_param: bool, dim: int, size: int) -> np.ndarray:
         start = self.n
@@ -56,11 +57,25 @@ class AtomTable:
         self.owners.append(AtomOwner(tensor, is_param, dim, start, size))
         return np.arange(start, start + size, dtype=np.int64)
 
-    def allocate_virtual(self, size: int) -> np.ndarray:
-        """Atoms for a tensor the model creates with a literal size (``torch.zeros(1, h, s, s)``)."""
+    def allocate_virtual(self, size: int, broadcast: bool = False) -> np.ndarray:
+        """Atoms for a tensor the model creates with a literal size (``torch.zeros(1, h, s, s)``),
+        or, with ``broadcast``, for a dimension expanded from size one (every position holds the
+        same values, so it can shrink to whatever it meets)."""
         start = self.n
         self.n += size
+        if broadcast:
+            self._broadcast.append((start, start + size))
         return np.arange(start, start + size, dtype=np.int64)
+
+    def is_broadcast(self, atoms: np.ndarray) -> bool:
+        """Whether every atom in ``atoms`` was allocated for a broadcast dimension."""
+        atoms = atoms[atoms >= 0]
+        if not self._broadcast or atoms.size == 0:
+            return False
+        starts = np.fromiter((s for s, _ in self._broadcast), dtype=np.int64)
+        ends = np.fromiter((e for _, e in self._broadcast), dtype=np.int64)
+        k = np.searchsorted(starts, atoms, side="right") - 1
+        return bool(((k >= 0) & (atoms < ends[np.maximum(k, 0)])).all())
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Union position-wise; positions where either side is -1 are skipped."""

@@ -2,12 +2,16 @@
 
 A literal size of a prunable dimension (``x.view(b, s, self.num_heads, self.head_dim)``) must
 follow the dimension. Where the trace knows the expression behind the literal (see
-provenance.py), the attribute is the one of its operands that solves ``expression == kept size``
-for every number of kept units; otherwise an attribute holding the value is looked up by value.
+provenance.py), a literal computed from the sizes of tensors that shrink with it needs nothing,
+and otherwise the attribute is the operand that solves ``expression == kept size`` for every number
+of kept structures; a literal of unknown origin is matched to an attribute holding its value.
 Sizes of dimensions that never shrink but are computed from attributes
 (``self.num_heads // self.num_kv_heads + 2``) must keep their value: when an attribute they read is
 updated, another one they read is updated with it (a derived binding), or the dimension whose
 shrinking would change them is unprunable.
+
+New values are checked on scenarios: keeping the first ``j`` structures along the dimension for a
+few ``j`` (structures already unprunable always stay).
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ _SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|e
 _NEVER_A_SIZE = re.compile(r"^(layer_idx|layer_id|idx|index|id|seed|step|version|rank|world_size)$")
 _COUNT_NAME = re.compile(r"head|num_|^n_|count", re.I)
 _NOT_A_COUNT = re.compile(r"dim|size", re.I)
-# Values tried when solving a size for an attribute (a brute-force search over small integers).
+# Largest value tried when searching the partner attribute of a fixed size.
 _MAX_SEARCH = 1 << 16
 
 
 @dataclass
 class Bound:
-    """An attribute whose new value is ``sign * kept // divisor`` (kept: positions along labels)."""
+    """An attribute whose new value is ``sign * kept // divisor + offset`` (kept: positions along
+    ``labels`` whose structure stays)."""
 
     module: str
     attribute: str
@@ -41,31 +46,83 @@ class Bound:
     labels: np.ndarray
     value: int  # the attribute's value in the traced model
     op: str  # where the size was written
+    offset: int = 0
 
 
-def bind_sizes(trace: TraceResult, structural: np.ndarray, roots: np.ndarray) -> list[Bound]:
-    """Bind every literal size of a prunable dimension to an attribute, or flag the dimension."""
+class _Dims:
+    """Kept sizes of labelled dimensions under scenarios of kept structures."""
+
+    def __init__(self, trace: TraceResult, roots: np.ndarray, frozen: np.ndarray) -> None:
+        self.trace, self.roots, self.frozen = trace, roots, frozen
+        self.env = trace.attribute_values
+
+    def free(self, labels: np.ndarray) -> np.ndarray:
+        """Structures along ``labels`` that may go."""
+        comps = np.unique(self.roots[labels[labels >= 0]])
+        return comps[~self.frozen[comps]]
+
+    def kept(self, labels: np.ndarray, kept: np.ndarray) -> int:
+        """Positions along ``labels`` left when, of the structures that may go, only ``kept`` stay."""
+        valid = labels >= 0
+        comps = self.roots[labels[valid]]
+        return int((~valid).sum() + (self.frozen[comps] | np.isin(comps, kept)).sum())
+
+    def scenarios(self, labels: np.ndarray, limit: int = 8) -> list[np.ndarray]:
+        """Keep the first ``j`` structures that may go, for ``j`` from one (or none, when other
+        positions keep the dimension alive) to all; a sample of ``j`` for long dimensions."""
+        comps = self.free(labels)
+        n = comps.size
+        low = 0 if self.kept(labels, comps[:0]) else 1
+        js = sorted(j for j in {1, 2, n // 2, n - 1, n, *range(min(n, limit) + 1)} if low <= j <= n)
+        return [comps[:j] for j in js]
+
+    def sizes(self, kept: np.ndarray) -> "_Sizes":
+        return _Sizes(self, kept)
+
+    def new_value(self, b: Bound, kept: np.ndarray) -> int:
+        return b.sign * self.kept(b.labels, kept) // b.divisor + b.offset
+
+
+class _Sizes(dict):
+    """Tensor sizes read in the code, as they would be with only ``kept`` structures (lazy)."""
+
+    def __init__(self, dims: _Dims, kept: np.ndarray) -> None:
+        super().__init__()
+        self.dims, self.kept_comps = dims, kept
+
+    def get(self, k, default=None):
+        if k not in self:
+            self[k] = self.dims.kept(self.dims.trace.size_labels[k], self.kept_comps)
+        return self[k]
+
+
+def bind_sizes(trace: TraceResult, structural: np.ndarray, roots: np.ndarray, frozen: np.ndarray) -> list[Bound]:
+    """Bind every literal size of a prunable dimension to an attribute, or flag the dimension.
+
+    ``frozen[root]`` marks the structures already known to be unprunable: they never shrink.
+    """
+    dims = _Dims(trace, roots, frozen)
     fixed_alone = {next(iter(depends_on(f.expr))) for f in trace.fixed_sizes
                    if len(depends_on(f.expr)) == 1 and not sizes_in(f.expr)}
     bound: list[Bound] = []
     for site in trace.sites:
         atoms = site.labels[site.labels >= 0]
-        if not structural[atoms].any():
-            continue  # the dimension never meets a parameter's structure (a sequence length)
+        if not structural[atoms].any() or dims.free(site.labels).size == 0:
+            continue  # the dimension never shrinks (a sequence length, or structures that stay)
         deps = {k for k in depends_on(site.expr) if not _NEVER_A_SIZE.match(k[1])}
-        if site.expr is not None and _follows(trace, site, roots):
+        if site.expr is not None and _follows(dims, site):
             continue  # computed from the sizes of tensors that shrink with it
-        found = _solve_site(trace, site, deps, roots, fixed_alone) if deps else _match_by_value(trace, site)
+        found = _solve_site(dims, site, deps, fixed_alone) if deps else _match_by_value(trace, site)
         if not found:
-            source = (f"computes the size {site.value} of this dimension ({site.op}) from attributes "
-                      f"{_names(deps)} that no kept size can satisfy") if deps else (
+            source = (f"computes the size {site.value} of this dimension ({site.op}) from {_names(deps)}, "
+                      "which no kept size can satisfy") if deps else (
                       f"writes the size {site.value} of this dimension in its code ({site.op}) and holds "
                       "it in no attribute")
             trace.atoms.flag(site.labels, UNPRUNABLE, f"module '{site.module or '<root>'}' {source}")
             continue
         bound.extend(found)
-    _check_consistency(trace, bound, roots)
-    _keep_fixed_sizes(trace, bound, roots, structural)
+    _check_consistency(dims, bound)
+    _keep_fixed_sizes(dims, bound, structural)
     return bound
 
 
@@ -73,54 +130,24 @@ def _names(keys) -> str:
     return ", ".join(f"'{path + '.' if path else ''}{attr}'" for path, attr in sorted(keys))
 
 
-def _preference(key: AttrKey, units: bool, fixed_alone: set[AttrKey]) -> tuple:
+def _preference(key: AttrKey, units: bool) -> tuple:
     name = key[1]
     fits = (_COUNT_NAME.search(name) and not _NOT_A_COUNT.search(name)) if units else _SIZE_NAME.search(name)
-    return (key in fixed_alone, not fits, name)
-
-
-def _scenarios(roots: np.ndarray, labels: np.ndarray, limit: int = 8) -> list[np.ndarray]:
-    """Kept structures to check a size on: the first j components along ``labels`` for a few j
-    from one to all (none too, when positions outside any structure keep the dimension alive)."""
-    comps = np.unique(roots[labels[labels >= 0]])
-    n = comps.size
-    js = sorted(j for j in {1, 2, n // 2, n - 1, n, *range(1, min(n, limit) + 1)} if 1 <= j <= n)
-    if (labels < 0).any():
-        js.insert(0, 0)
-    return [comps[:j] for j in js]
-
-
-def _kept(roots: np.ndarray, labels: np.ndarray, kept: np.ndarray) -> int:
-    """Positions along ``labels`` left when only the components in ``kept`` stay."""
-    return int((labels < 0).sum() + np.isin(roots[np.maximum(labels, 0)], kept)[labels >= 0].sum())
-
-
-class _Sizes(dict):
-    """Tensor sizes read in the code, as they would be with only ``kept`` components (lazy)."""
-
-    def __init__(self, trace: TraceResult, roots: np.ndarray, kept: np.ndarray) -> None:
-        super().__init__()
-        self.trace, self.roots, self.kept = trace, roots, kept
-
-    def get(self, k, default=None):
-        if k not in self:
-            self[k] = _kept(self.roots, self.trace.size_labels[k], self.kept)
-        return self[k]
-
-
-def _follows(trace: TraceResult, site: SizeSite, roots: np.ndarray) -> bool:
-    """Whether the literal takes the kept size by itself, computed from sizes read off tensors."""
-    if not sizes_in(site.expr):
-        return False
-    env = trace.attribute_values
-    return all(evaluate(site.expr, env, _Sizes(trace, roots, kept)) == site.sign * _kept(roots, site.labels, kept)
-               for kept in _scenarios(roots, site.labels))
+    return (not fits, name)
 
 
 def _with(env: dict[AttrKey, int], key: AttrKey, value: int) -> dict[AttrKey, int]:
     out = dict(env)
     out[key] = value
     return out
+
+
+def _follows(dims: _Dims, site: SizeSite) -> bool:
+    """Whether the literal takes the kept size by itself, computed from sizes read off tensors."""
+    if not sizes_in(site.expr):
+        return False
+    return all(evaluate(site.expr, dims.env, dims.sizes(kept)) == site.sign * dims.kept(site.labels, kept)
+               for kept in dims.scenarios(site.labels))
 
 
 def _solve_linear(expr, env, sizes, key: AttrKey, target: int) -> int | None:
@@ -130,43 +157,55 @@ def _solve_linear(expr, env, sizes, key: AttrKey, target: int) -> int | None:
     at, other = evaluate(expr, env, sizes), evaluate(expr, _with(env, key, probe), sizes)
     if at is None or other is None or at == other:
         return None
+    if (at - other) % (value - probe):
+        return None
     slope = (at - other) // (value - probe)
-    if (at - other) % (value - probe) or (target - at) % slope:
+    if (target - at) % slope:
         return None
     x = value + (target - at) // slope
-    return x if x > 0 and evaluate(expr, _with(env, key, x), sizes) == target else None
+    return x if x >= 0 and evaluate(expr, _with(env, key, x), sizes) == target else None
 
 
-def _ratio(kept_sizes: list[int], values: list[int]) -> tuple[int, int] | None:
-    """(divisor, sign) with ``value == sign * kept // divisor`` for every pair, if there is one."""
-    if any(v == 0 or kept % v for kept, v in zip(kept_sizes, values)):
-        return None
-    signs = {1 if v > 0 else -1 for v in values}
-    ratios = {kept // abs(v) for kept, v in zip(kept_sizes, values)}
-    if len(signs) == 1 and len(ratios) == 1:
-        return ratios.pop(), signs.pop()
+def _affine(kept_sizes: list[int], values: list[int]) -> tuple[int, int, int] | None:
+    """(divisor, sign, offset) with ``value == sign * kept // divisor + offset`` for every pair."""
+    pairs = sorted(set(zip(kept_sizes, values)))
+    if len({k for k, _ in pairs}) < len(pairs):
+        return None  # one kept size, two values
+    if len(pairs) == 1:
+        (kept, value), = pairs
+        candidates = [(kept // value, 1, 0)] if value > 0 and kept % value == 0 else [(1, 1, value - kept)]
+    else:
+        (k0, v0), (k1, v1) = pairs[0], pairs[-1]
+        if v0 == v1 or (k1 - k0) % (v1 - v0):
+            return None
+        step = (k1 - k0) // (v1 - v0)
+        divisor, sign = abs(step), 1 if step > 0 else -1
+        if k0 % divisor:
+            return None
+        candidates = [(divisor, sign, v0 - sign * k0 // divisor)]
+    for divisor, sign, offset in candidates:
+        if all(sign * k // divisor + offset == v and k % divisor == 0 for k, v in pairs):
+            return divisor, sign, offset
     return None
 
 
-def _solve_site(trace: TraceResult, site: SizeSite, deps: set[AttrKey], roots: np.ndarray,
-                fixed_alone: set[AttrKey]) -> list[Bound]:
+def _solve_site(dims: _Dims, site: SizeSite, deps: set[AttrKey], fixed_alone: set[AttrKey]) -> list[Bound]:
     """The attribute (among those the literal reads) whose update keeps ``literal == kept size``.
 
     ``self.num_heads * self.head_dim`` over a dimension of whole heads: ``num_heads`` solves it
-    for every number of kept heads (``head_dim`` would too, arithmetically, but another size
-    reads it alone and must not change, so it comes last).
+    for every number of kept heads. ``head_dim`` would too, arithmetically, but another size reads
+    it alone for a dimension that never shrinks, so it is never the one updated.
     """
-    env = trace.attribute_values
-    scenarios = _scenarios(roots, site.labels)
-    kept_sizes = [_kept(roots, site.labels, kept) for kept in scenarios]
-    for key in sorted(deps, key=lambda k: _preference(k, site.units, fixed_alone)):
-        values = [_solve_linear(site.expr, env, _Sizes(trace, roots, kept), key, site.sign * n)
+    scenarios = dims.scenarios(site.labels)
+    kept_sizes = [dims.kept(site.labels, kept) for kept in scenarios]
+    for key in sorted(deps - fixed_alone, key=lambda k: _preference(k, site.units)):
+        values = [_solve_linear(site.expr, dims.env, dims.sizes(kept), key, site.sign * n)
                   for kept, n in zip(scenarios, kept_sizes)]
         if any(v is None for v in values):
             continue
-        ratio = _ratio(kept_sizes, values)
-        if ratio is not None:
-            return [Bound(key[0], key[1], ratio[0], ratio[1], site.labels, env[key], site.op)]
+        fit = _affine(kept_sizes, values)
+        if fit is not None:
+            return [Bound(key[0], key[1], fit[0], fit[1], site.labels, dims.env[key], site.op, fit[2])]
     return []
 
 
@@ -219,64 +258,72 @@ def _attributes_equal_to(module, value: int, counts_units: bool) -> list[str]:
     return preferred or matches
 
 
-def _multiset(roots: np.ndarray, labels: np.ndarray, divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Components along a dimension with their multiplicities (in units of ``divisor``)."""
-    comps, counts = np.unique(roots[labels[labels >= 0]], return_counts=True)
-    return comps, counts / divisor
+def _shrinks(dims: _Dims, labels: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """How a dimension shrinks: the structures that may go with their positions (times ``scale``),
+    and the positions that always stay (times ``scale``)."""
+    valid = labels >= 0
+    comps = dims.roots[labels[valid]]
+    free = ~dims.frozen[comps]
+    uniq, counts = np.unique(comps[free], return_counts=True)
+    return uniq, counts * scale, float((~valid).sum() + (~free).sum()) * scale
 
 
-def _same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
-    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+def _same_shrink(a, b) -> bool:
+    return np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1]) and np.isclose(a[2], b[2])
 
 
-def _check_consistency(trace: TraceResult, bound: list[Bound], roots: np.ndarray) -> None:
+def _check_consistency(dims: _Dims, bound: list[Bound]) -> None:
     """Sizes that must stay equal (split chunks, one attribute used twice) must shrink alike."""
+    trace = dims.trace
     for eq in trace.equal_shrink:
-        first = _multiset(roots, eq.parts[0])
-        if any(not _same(first, _multiset(roots, p)) for p in eq.parts[1:]):
+        first = _shrinks(dims, eq.parts[0])
+        if any(not _same_shrink(first, _shrinks(dims, p)) for p in eq.parts[1:]):
             for p in eq.parts:
                 trace.atoms.flag(p, UNPRUNABLE, f"chunks of {eq.op} in '{eq.module}' would shrink unequally")
     by_attr: dict[tuple[str, str], list[Bound]] = {}
     for b in bound:
         by_attr.setdefault((b.module, b.attribute), []).append(b)
     for (path, attr), uses in by_attr.items():
-        first = _multiset(roots, uses[0].labels, uses[0].divisor)
-        if any(not _same(first, _multiset(roots, u.labels, u.divisor)) for u in uses[1:]):
+        shapes = []
+        for u in uses:
+            comps, counts, stay = _shrinks(dims, u.labels, u.sign / u.divisor)
+            shapes.append((comps, counts, stay + u.offset))
+        if any(not _same_shrink(shapes[0], s) for s in shapes[1:]):
             for u in uses:
                 trace.atoms.flag(u.labels, UNPRUNABLE,
                                  f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
 
 
-def _keep_fixed_sizes(trace: TraceResult, bound: list[Bound], roots: np.ndarray, structural: np.ndarray) -> None:
+def _keep_fixed_sizes(dims: _Dims, bound: list[Bound], structural: np.ndarray) -> None:
     """Sizes computed from updated attributes for dimensions that never shrink keep their value.
 
     Falcon views its fused projection as ``(kv_heads, num_heads // num_kv_heads + 2, head_dim)``:
     when ``num_heads`` follows the kept heads, ``num_kv_heads`` must follow the kept key/value
     heads for the middle size to stay. Such a partner is searched among the other attributes the
-    size reads, as a count along the same dimension (``kept // divisor``); without one, the
-    dimension that would change the size is unprunable.
+    size reads, as a count along the same dimension; without one, the dimension that would change
+    the size is unprunable.
     """
-    env = trace.attribute_values
+    trace = dims.trace
     by_attr: dict[AttrKey, Bound] = {}
     for b in bound:
         by_attr.setdefault((b.module, b.attribute), b)
     for fixed in trace.fixed_sizes:
+        if fixed.labels is not None and structural[fixed.labels].any():
+            continue  # a broadcast dimension that met a structure: its size is a site instead
         deps = depends_on(fixed.expr)
         changed = [by_attr[k] for k in sorted(deps) if k in by_attr]
         read = [trace.size_labels[k] for k in sorted(sizes_in(fixed.expr))]
-        read = [lab for lab in read if structural[lab[lab >= 0]].any()]
+        read = [lab for lab in read if structural[lab[lab >= 0]].any() and dims.free(lab).size]
         if not changed and not read:
             continue
-        dims = [b.labels for b in changed] + read
-        comps = np.unique(np.concatenate([roots[lab[lab >= 0]] for lab in dims]))
-        scenarios = _scenarios(roots, np.concatenate(dims))
-        envs = [_updated(env, changed, roots, kept) for kept in scenarios]
-        sizes = [_Sizes(trace, roots, kept) for kept in scenarios]
+        scenarios = dims.scenarios(np.concatenate([b.labels for b in changed] + read))
+        envs = [_updated(dims, changed, kept) for kept in scenarios]
+        sizes = [dims.sizes(kept) for kept in scenarios]
         if all(evaluate(fixed.expr, e, z) == fixed.value for e, z in zip(envs, sizes)):
             continue
         partner = None
-        if len(changed) == 1 and np.array_equal(np.unique(roots[changed[0].labels[changed[0].labels >= 0]]), comps):
-            partner = _partner(fixed, deps - set(by_attr), env, envs, sizes, scenarios, roots, changed[0])
+        if len(changed) == 1 and not read:
+            partner = _partner(dims, fixed, deps - set(by_attr), envs, sizes, scenarios, changed[0])
         if partner is None:
             _flag_fixed(trace, fixed, changed, read)
             continue
@@ -284,28 +331,25 @@ def _keep_fixed_sizes(trace: TraceResult, bound: list[Bound], roots: np.ndarray,
         by_attr[(partner.module, partner.attribute)] = partner
 
 
-def _updated(env: dict[AttrKey, int], changed: list[Bound], roots: np.ndarray, kept: np.ndarray) -> dict[AttrKey, int]:
-    """Attribute values when only the components in ``kept`` stay."""
-    out = dict(env)
+def _updated(dims: _Dims, changed: list[Bound], kept: np.ndarray) -> dict[AttrKey, int]:
+    """Attribute values when, of the structures that may go, only ``kept`` stay."""
+    out = dict(dims.env)
     for b in changed:
-        out[(b.module, b.attribute)] = b.sign * _kept(roots, b.labels, kept) // b.divisor
+        out[(b.module, b.attribute)] = dims.new_value(b, kept)
     return out
 
 
-def _partner(fixed: FixedSize, free: set[AttrKey], env, envs, sizes, scenarios, roots: np.ndarray,
-             base: Bound) -> Bound | None:
-    kept_sizes = [_kept(roots, base.labels, kept) for kept in scenarios]
+def _partner(dims: _Dims, fixed: FixedSize, free: set[AttrKey], envs, sizes, scenarios, base: Bound) -> Bound | None:
+    kept_sizes = [dims.kept(base.labels, kept) for kept in scenarios]
     for key in sorted(k for k in free if not _NEVER_A_SIZE.match(k[1])):
-        limit = min(max(env[key], 1), _MAX_SEARCH)
-        values = []
-        for e, z in zip(envs, sizes):
-            values.append(next((x for x in range(1, limit + 1)
-                                if evaluate(fixed.expr, _with(e, key, x), z) == fixed.value), None))
+        limit = min(max(dims.env[key], 1), _MAX_SEARCH)
+        values = [next((x for x in range(1, limit + 1) if evaluate(fixed.expr, _with(e, key, x), z) == fixed.value),
+                       None) for e, z in zip(envs, sizes)]
         if any(v is None for v in values):
             continue
-        ratio = _ratio(kept_sizes, values)
-        if ratio is not None:
-            return Bound(key[0], key[1], ratio[0], ratio[1], base.labels, env[key], fixed.op)
+        fit = _affine(kept_sizes, values)
+        if fit is not None:
+            return Bound(key[0], key[1], fit[0], fit[1], base.labels, dims.env[key], fixed.op, fit[2])
     return None
 
 

@@ -90,6 +90,7 @@ class FixedSize:
     op: str
     value: int
     expr: Expr
+    labels: np.ndarray | None = None  # a broadcast dimension: fixed unless it meets a structure
 
 
 @dataclass
@@ -212,13 +213,18 @@ class OpContext:
         self.tracer.sites.append(SizeSite(self.module, f"{what} ({self.func})", int(value), labels, sign, units,
                                           expr))
 
-    def fixed(self, value: int, what: str, position: int | None = None, length: int | None = None) -> None:
-        """Record a size computed from module attributes for a dimension that cannot shrink."""
+    def fixed(self, value: int, what: str, position: int | None = None, length: int | None = None,
+              labels: np.ndarray | None = None, attributes_only: bool = False) -> None:
+        """Record a size computed from module attributes for a dimension that cannot shrink (or,
+        given its broadcast ``labels``, that shrinks only if it meets a structure). With
+        ``attributes_only``, a size read off tensors is taken to follow them."""
         if not self.tracer.explicit_sizes or value == -1:
             return
         expr = self.expr_for(int(value), position, length)
+        if sizes_in(expr) and attributes_only:
+            return
         if depends_on(expr) or sizes_in(expr):
-            self.tracer.fixed_sizes.append(FixedSize(self.module, f"{what} ({self.func})", int(value), expr))
+            self.tracer.fixed_sizes.append(FixedSize(self.module, f"{what} ({self.func})", int(value), expr, labels))
 
     def equal_shrink(self, parts: list[np.ndarray]) -> None:
         if len(parts) > 1:
@@ -349,7 +355,7 @@ class ChannelTracer:
                 entry = self.labels.get(key)
                 if entry is not None and any(x is not None for x in entry[1]):
                     labeled = True
-        if not labeled:
+        if not labeled and func.overloadpacket is not torch.ops.aten.expand:
             # In-place ops on a labelled tensor with unlabelled operands still keep its labels.
             return
         rule = self.rules.get(func) or self.rules.get(func.overloadpacket)
@@ -357,6 +363,9 @@ class ChannelTracer:
             rule = self.rules["pointwise"]
         ctx = OpContext(self, func)
         if rule is None:
+            if not self._holds_structure(flat):
+                self._assign(out, None)  # only broadcast dimensions: nothing to lose
+                return
             rule = self.fallback
             note = f"{func} in module '{ctx.module or '<root>'}'"
             if note not in self.unsupported:
@@ -372,6 +381,13 @@ class ChannelTracer:
             sign = sign_of(func, args, kwargs, self.sign)
             if sign:
                 self.signs[id(out)] = (out, sign)
+
+    def _holds_structure(self, flat: list) -> bool:
+        for t in flat:
+            entry = self.labels.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if entry is not None and any(x is not None and not self.atoms.is_broadcast(x) for x in entry[1]):
+                return True
+        return False
 
     def sign(self, t: torch.Tensor) -> int:
         """Recorded sign of a labelled tensor (signs.NONNEG, signs.POSITIVE) or 0 if unknown."""
