@@ -207,8 +207,11 @@ def attention(ctx: OpContext, args, kwargs, out):
         lk[lead] is not None or lv[lead] is not None) else None
     rep = hq // hkv if hkv else 1
     expanded = np.repeat(kv_heads, rep) if kv_heads is not None else None
-    heads = ctx.merge([lq[lead], expanded], "query heads sharing a key/value head") if (
-        lq[lead] is not None or expanded is not None) else None
+    if hkv == 1:
+        heads = lq[lead]  # one key/value head broadcast to all (multi-query): query heads are free
+    else:
+        heads = ctx.merge([lq[lead], expanded], "query heads sharing a key/value head") if (
+            lq[lead] is not None or expanded is not None) else None
     contract(ctx, lq[-1], lk[-1])
     keys = ctx.merge([lk[-2], lv[-2]], "key/value sequence") if (
         lk[-2] is not None or lv[-2] is not None) else None
@@ -220,7 +223,12 @@ def attention(ctx: OpContext, args, kwargs, out):
     for lab in (heads, kv_heads):
         ctx.mark(lab, HEAD)
         ctx.mark(lab, STRUCTURE)
-    result = scores[:lead] + [heads, scores[lead + 1], lv[-1]]
+    value_dim = lv[-1]
+    if hkv == 1 and hq > 1:
+        # Multi-query: one value head's rows feed a column of every query head; they stay whole.
+        ctx.unprunable(value_dim, "value rows shared by every query head (multi-query attention)")
+        value_dim = None
+    result = scores[:lead] + [heads, scores[lead + 1], value_dim]
     if isinstance(out, (tuple, list)):
         rest = []
         for o in out[1:]:

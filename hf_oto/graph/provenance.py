@@ -11,9 +11,13 @@ where ``k`` numbers the labels of the dimension read: such a term follows the di
 shrinks, so ``num_kv_heads * self.num_key_value_groups`` with the first factor read from a tensor
 needs no attribute updated.
 
+Integers of a model's config (``self.config.num_attention_heads``) are traced as
+``("config", name, value)``: every layer shares the config, so such a size cannot follow the heads
+kept in one layer, and the reason says so.
+
 An expression is a tuple: ``("attr", (module_path, name))``, ``("const", value)``,
-``("size", k, value)``, or ``(op, left, right)`` / ``("neg", operand)`` with ``op`` one of
-``+ - * // %``.
+``("size", k, value)``, ``("config", name, value)``, or ``(op, left, right)`` /
+``("neg", operand)`` with ``op`` one of ``+ - * // %``.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def depends_on(expr: Expr | None) -> set[AttrKey]:
     kind = expr[0]
     if kind == "attr":
         return {expr[1]}
-    if kind in ("const", "size"):
+    if kind in ("const", "size", "config"):
         return set()
     out: set[AttrKey] = set()
     for part in expr[1:]:
@@ -84,16 +88,23 @@ def depends_on(expr: Expr | None) -> set[AttrKey]:
     return out
 
 
+def _leaves(expr: Expr | None, kind: str) -> set:
+    if expr is None or expr[0] in ("attr", "const", "size", "config"):
+        return {expr[1]} if expr is not None and expr[0] == kind else set()
+    out: set = set()
+    for part in expr[1:]:
+        out |= _leaves(part, kind)
+    return out
+
+
 def sizes_in(expr: Expr | None) -> set[int]:
     """The tensor sizes (ids of their labels) an expression reads."""
-    if expr is None or expr[0] in ("attr", "const"):
-        return set()
-    if expr[0] == "size":
-        return {expr[1]}
-    out: set[int] = set()
-    for part in expr[1:]:
-        out |= sizes_in(part)
-    return out
+    return _leaves(expr, "size")
+
+
+def configs_in(expr: Expr | None) -> set[str]:
+    """The config fields an expression reads."""
+    return _leaves(expr, "config")
 
 
 def evaluate(expr: Expr, env: dict[AttrKey, int], sizes: dict[int, int] | None = None) -> int | None:
@@ -106,6 +117,8 @@ def evaluate(expr: Expr, env: dict[AttrKey, int], sizes: dict[int, int] | None =
         return expr[1]
     if kind == "size":
         return expr[2] if sizes is None else sizes.get(expr[1], expr[2])
+    if kind == "config":
+        return expr[2]
     if kind == "neg":
         inner = evaluate(expr[1], env, sizes)
         return None if inner is None else -inner
@@ -116,32 +129,43 @@ def evaluate(expr: Expr, env: dict[AttrKey, int], sizes: dict[int, int] | None =
 
 
 class AttributeTracing:
-    """Context manager: module integer attributes become TracedInts, restored as plain ints after.
-
-    Attributes a module reassigns during the forward keep their new value (as a plain int).
+    """Context manager: integer attributes of modules and of their configs become TracedInts,
+    restored as plain ints after (an attribute reassigned during the forward keeps its new value).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.values: dict[AttrKey, int] = {}
-        self._wrapped: list[tuple[torch.nn.Module, str]] = []
+        self._wrapped: list[tuple[dict, str]] = []
 
     def __enter__(self) -> "AttributeTracing":
+        configs: dict[int, Any] = {}
         for path, module in self.model.named_modules():
             state = module.__dict__
             for name, value in list(state.items()):
                 if type(value) is int and not name.startswith("_"):
                     key = (path, name)
                     self.values[key] = value
-                    state[name] = TracedInt(value, ("attr", key))
-                    self._wrapped.append((module, name))
+                    self._wrap(state, name, ("attr", key))
+            config = state.get("config")
+            if config is not None and type(config).__name__.endswith("Config") and hasattr(config, "to_dict"):
+                configs.setdefault(id(config), config)
+        for config in configs.values():
+            state = config.__dict__
+            for name, value in list(state.items()):
+                if type(value) is int and not name.startswith("_"):
+                    self._wrap(state, name, ("config", name, value))
         return self
 
+    def _wrap(self, state: dict, name: str, expr: Expr) -> None:
+        state[name] = TracedInt(state[name], expr)
+        self._wrapped.append((state, name))
+
     def __exit__(self, *exc: Any) -> None:
-        for module, name in self._wrapped:
-            value = module.__dict__.get(name)
+        for state, name in self._wrapped:
+            value = state.get(name)
             if isinstance(value, TracedInt):
-                module.__dict__[name] = int(value)
+                state[name] = int(value)
 
 
 def collect_ints(args: Any) -> Iterator[tuple[int, Expr | None]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .atoms import UNPRUNABLE
-from .provenance import AttrKey, depends_on, evaluate, sizes_in
+from .provenance import AttrKey, configs_in, depends_on, evaluate, sizes_in
 from .trace import FixedSize, SizeSite, TraceResult
 
 # Attribute names that look like sizes win over other integer attributes of the same value.
@@ -114,16 +114,25 @@ def bind_sizes(trace: TraceResult, structural: np.ndarray, roots: np.ndarray, fr
             continue  # computed from the sizes of tensors that shrink with it
         found = _solve_site(dims, site, deps, fixed_alone) if deps else _match_by_value(trace, site)
         if not found:
-            source = (f"computes the size {site.value} of this dimension ({site.op}) from {_names(deps)}, "
-                      "which no kept size can satisfy") if deps else (
-                      f"writes the size {site.value} of this dimension in its code ({site.op}) and holds "
-                      "it in no attribute")
-            trace.atoms.flag(site.labels, UNPRUNABLE, f"module '{site.module or '<root>'}' {source}")
+            trace.atoms.flag(site.labels, UNPRUNABLE, f"module '{site.module or '<root>'}' {_unbound(site, deps)}")
             continue
         bound.extend(found)
     _check_consistency(dims, bound)
     _keep_fixed_sizes(dims, bound, structural)
     return bound
+
+
+def _unbound(site: SizeSite, deps: set[AttrKey]) -> str:
+    """Why no attribute can carry a literal size."""
+    fields = configs_in(site.expr)
+    where = f"the size {site.value} of this dimension ({site.op})"
+    if fields:
+        shared = ", ".join(f"'{f}'" for f in sorted(fields))
+        return (f"computes {where} from the config's {shared}, which every layer shares, so it cannot "
+                "follow the structures kept in one layer")
+    if deps:
+        return f"computes {where} from {_names(deps)}, which no kept size can satisfy"
+    return f"writes {where} in its code and holds it in no attribute"
 
 
 def _names(keys) -> str:
