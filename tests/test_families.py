@@ -59,10 +59,17 @@ FAMILIES = {
         **TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
         norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, num_labels=3)),
         _text_inputs, {"head": 8, "neuron": 256}, False),
-    # The relative-attention bias table is computed once and read by both layers: head h of every
-    # layer and the table's column h form one group.
+    # The relative-attention bias is computed once for all heads and passed to every layer: each
+    # layer keeps its own heads' rows of it.
     "mpnet": (lambda: T.MPNetForSequenceClassification(T.MPNetConfig(**TEXT, num_labels=3)), _text_inputs,
-              {"head": 4, "neuron": 256}, False),
+              {"head": 8, "neuron": 256}, False),
+    # ALiBi slopes built for all heads of the config, (batch * heads, 1, keys) and (heads, 1, keys).
+    "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4,
+                                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+              _text_inputs, {"head": 8, "neuron": 512}, True),
+    "mpt": (lambda: T.MptForCausalLM(T.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+                                                 bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+            _text_inputs, {"head": 8, "neuron": 512}, True),
     # Global response normalisation divides by the mean over channels: it runs padded.
     "convnextv2": (lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config(
         hidden_sizes=[16, 32], depths=[2, 1], num_stages=2, num_labels=5)), _image_inputs,
@@ -144,20 +151,24 @@ def test_falcon_key_value_count_follows_the_kept_heads(compressed):
     assert any(a.get("num_kv_heads") == 1 for a in attributes.values())
 
 
-def test_shared_bias_table_ties_heads_across_layers(compressed):
-    groups = compressed["mpnet"]["groups"]
-    head = next(g for g in groups if g.kind == "head")
-    touched = {s.tensor for s in groups.slices if (s.group == head.index).any()}
-    assert any("relative_attention_bias" in t for t in touched)
-    assert {t.split(".layer.")[1][0] for t in touched if ".layer." in t} == {"0", "1"}
+def test_shared_bias_is_cut_to_each_layers_heads(compressed):
+    """Every layer reads the bias computed once for all heads at its own kept heads only."""
+    case = compressed["mpnet"]
+    cuts = case["small"].config.hf_oto_manifest["inputs"]
+    assert cuts and all(path.startswith("mpnet.encoder.layer.") for path in cuts)
+    kept = {len(spec["kept"]) for specs in cuts.values() for spec in specs}
+    assert kept and max(kept) < case["model"].config.num_attention_heads
+    table = [g for g in case["groups"] if any(
+        "relative_attention_bias" in s.tensor and (s.group == g.index).any() for s in case["groups"].slices)]
+    assert table and not any(g.prunable for g in table)  # the table itself keeps every head
 
 
 UNPRUNABLE_HEADS = {
     # Slices of the fused qkv use config.num_attention_heads * head_dim.
     "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)), ("config", "num_attention_heads", "slice")),
-    # ALiBi slopes are built for every head of the config and added to every layer's scores.
-    "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)),
-              ("baddbmm", "cannot shrink")),
+    # Every layer normalises q and k with its own LayerNorm per head, picked by position in a list.
+    "stablelm": (lambda: T.StableLmForCausalLM(T.StableLmConfig(**DECODER, qk_layernorm=True)),
+                 ("cannot shrink", "attention")),
 }
 
 

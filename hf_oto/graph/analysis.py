@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..groups import AttributeBinding, GroupSlice, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
+from ..groups import AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
 from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
 from .config import GroupConfig
+from .entries import resolve_entries
 from .inputs import call_with, default_example_inputs
 from .shape_rules import RULES as SHAPE_RULES
 from .sizes import bind_sizes
@@ -153,6 +154,10 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                 if lab is not None:
                     atoms.flag(lab, UNPRUNABLE, "parameter not used in the traced forward pass")
     roots = atoms.components()
+    if trace.entries:
+        roots, cuts = resolve_entries(atoms, trace.entries, roots, atoms.flagged_components(roots, HEAD))
+    else:
+        cuts = []
     early = atoms.component_flags(roots)
     structure = early.get(STRUCTURE, {})
     frozen = np.zeros(atoms.n, dtype=bool)
@@ -238,10 +243,17 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if (gids >= 0).any():
             norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids)))
 
+    input_cuts = []
+    for cut in cuts:
+        gids = _lookup(gid_of, _lookup(roots, cut.labels))
+        if (gids >= 0).any():
+            input_cuts.append(InputCut(cut.module, cut.position, cut.name, cut.dim, torch.from_numpy(gids)))
+
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
     return ZeroInvariantGroups(
         groups, slices, shapes, {k: v for k, v in trace.tensor_names.items()},
         config=config, bindings=bindings, unprunable_tensors=unprunable_tensors, norm_paddings=norm_paddings,
+        input_cuts=input_cuts,
         unsupported_ops=list(trace.unsupported), model_class=model_class,
     )
 

@@ -102,26 +102,15 @@ class AtomTable:
             self._flags.append((atoms, kind, reason))
 
     def components(self) -> np.ndarray:
-        """Root atom of every atom (vectorised hooking with pointer jumping)."""
-        parent = np.arange(self.n, dtype=np.int64)
+        """Root atom (the smallest in its component) of every atom."""
         if not self._union_a:
-            return parent
-        a = np.concatenate(self._union_a)
-        b = np.concatenate(self._union_b)
-        while True:
-            ra, rb = parent[a], parent[b]
-            differ = ra != rb
-            if not differ.any():
-                return parent
-            ra, rb = ra[differ], rb[differ]
-            low = np.minimum(ra, rb)
-            np.minimum.at(parent, ra, low)
-            np.minimum.at(parent, rb, low)
-            while True:
-                grand = parent[parent]
-                if np.array_equal(grand, parent):
-                    break
-                parent = grand
+            return np.arange(self.n, dtype=np.int64)
+        return union_find(self.n, np.concatenate(self._union_a), np.concatenate(self._union_b))
+
+    def flagged_components(self, roots: np.ndarray, kind: str) -> set[int]:
+        """Components carrying a flag of ``kind``."""
+        found = [roots[atoms] for atoms, k, _ in self._flags if k == kind]
+        return set(np.unique(np.concatenate(found)).tolist()) if found else set()
 
     def component_flags(self, roots: np.ndarray) -> dict[str, dict[int, str]]:
         """For each flag kind, the components carrying it with the first reason recorded."""
@@ -139,3 +128,23 @@ class AtomTable:
             uniq, first = np.unique(all_comps, return_index=True)
             out[kind] = {int(c): reasons[int(i)] for c, i in zip(uniq, all_ids[first])}
         return out
+
+
+def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Smallest member of the component of each of ``n`` items joined pairwise by ``a[i]``, ``b[i]``
+    (vectorised hooking with pointer jumping)."""
+    parent = np.arange(n, dtype=np.int64)
+    while True:
+        ra, rb = parent[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            return parent
+        ra, rb = ra[differ], rb[differ]
+        low = np.minimum(ra, rb)
+        np.minimum.at(parent, ra, low)
+        np.minimum.at(parent, rb, low)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand

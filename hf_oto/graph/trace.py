@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .atoms import MIXED, UNPRUNABLE, AtomTable
+from .entries import EntryRecord, EntryTracker
 from .provenance import AttributeTracing, Expr, TracedInt, collect_ints, depends_on, sizes_in
 from .signs import sign_of
 
@@ -127,6 +128,7 @@ class TraceResult:
     module_outputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # and its first output
     fixed_sizes: list[FixedSize] = field(default_factory=list)
     size_labels: list[np.ndarray] = field(default_factory=list)  # labels of each ("size", k) term
+    entries: list[EntryRecord] = field(default_factory=list)  # arguments given fresh atoms on entry
     attribute_values: dict[tuple[str, str], int] = field(default_factory=dict)  # integer attributes
 
 
@@ -446,6 +448,8 @@ class ChannelTracer:
             torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
             torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True),
         ]
+        entries = EntryTracker(self, names)
+        handles += entries.install(self.model)
         attributes = AttributeTracing(self.model)
         try:
             with attributes, _FunctionLevel(self), _DispatchLevel(self):
@@ -474,6 +478,7 @@ class ChannelTracer:
             module_outputs=self.module_outputs,
             fixed_sizes=self.fixed_sizes,
             size_labels=self.size_labels,
+            entries=entries.records,
             attribute_values=attributes.values,
         )
 
