@@ -52,6 +52,9 @@ FAMILIES = {
                    {"head": 4, "neuron": 512}, True),
     # One key/value head picked with qkv[..., [-2], :] and shared by every query head.
     "falcon-multi-query": (lambda: _falcon(multi_query=True), _text_inputs, {"head": 8, "neuron": 512}, True),
+    "gemma-multi-query": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**dict(DECODER, num_key_value_heads=1),
+                                                                   head_dim=16)),
+                          _text_inputs, {"head": 8, "neuron": 192}, True),
     "gpt-bigcode": (lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, multi_query=True, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)), _text_inputs, {"head": 8, "neuron": 512}, True),
