@@ -75,10 +75,8 @@ def _cut_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
             where, key = args, position
         elif name is not None and name in kwargs:
             where, key = kwargs, name
-        elif name is not None and position is None:
-            continue
         else:
-            continue
+            continue  # not passed in this call
         x = where[key]
         if not isinstance(x, torch.Tensor):
             continue
