@@ -187,3 +187,35 @@ def test_unprunable_heads_say_why(name):
         assert all(w in g.reason for w in words), g.reason
         assert "self_att" in g.reason  # names the module
     assert groups.counts()["neuron"]["prunable"] > 0
+
+
+class _UnitNorm(torch.nn.Module):
+    """Hidden units in blocks of two, each block scaled by ``scale(block)``."""
+
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.up, self.down, self.scale = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3), scale
+        self.num_blocks = 4
+
+    def forward(self, x):
+        h = self.up(x).view(x.shape[0], self.num_blocks, 2)
+        return self.down((h * self.scale(h)).flatten(1))
+
+
+@pytest.mark.parametrize("scale, prunable", [
+    (lambda h: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), True),  # bounded away from zero
+    (lambda h: torch.rsqrt(h.abs().mean(-1, keepdim=True)), False),  # infinite for a zero block
+    (lambda h: 1.0 / (h.pow(2).sum(-1, keepdim=True) + 1.0), True),
+])
+def test_singular_ops_only_block_values_that_can_reach_zero(scale, prunable):
+    model = _UnitNorm(scale)
+    groups = find_groups(model, (torch.randn(5, 6),))
+    blocks = [g for g in groups if any(s.tensor == "up.weight" and s.dim == 0 and (s.group == g.index).any()
+                                       for s in groups.slices)]
+    assert len(blocks) == 4 and all(g.prunable == prunable for g in blocks), groups.summary()
+    if prunable:
+        mask = torch.zeros(len(groups), dtype=torch.bool)
+        mask[blocks[1].index] = True
+        groups.zero_(groups.parameters(model), mask)
+        small = compress(model, groups)
+        assert small.up.out_features == 6 and small.num_blocks == 3
