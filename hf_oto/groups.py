@@ -60,7 +60,8 @@ class AttributeBinding:
     """A module attribute holding the size of a prunable dimension (``split_size``, ``num_heads``).
 
     Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept),
-    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions.
+    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions, plus
+    ``offset`` when the code adds a constant (``self.num_heads + 2`` rows of a fused projection).
     """
 
     module: str
@@ -69,6 +70,7 @@ class AttributeBinding:
     sign: int
     group: torch.Tensor
     divisor: int = 1
+    offset: int = 0
 
 
 @dataclass
@@ -81,6 +83,24 @@ class NormPadding:
     """
 
     module: str
+    dim: int
+    group: torch.Tensor
+
+
+@dataclass
+class InputCut:
+    """A module argument computed outside the module for all heads (a relative-position bias,
+    ALiBi slopes) that the module reads only at its own heads.
+
+    When some of them are removed, the module keeps, on entry, the positions of its kept heads
+    along ``dim`` (counted from the end) of the argument given at ``position`` or as ``name``.
+    ``group`` gives the group of each position (-1: none); a dimension that folds a batch into
+    the heads (``batch * heads``) repeats the pattern.
+    """
+
+    module: str
+    position: int | None
+    name: str | None
     dim: int
     group: torch.Tensor
 
@@ -118,6 +138,7 @@ class ZeroInvariantGroups:
         unprunable_tensors: dict[str, str] | None = None,
         unsupported_ops: list[str] | None = None,
         norm_paddings: list[NormPadding] | None = None,
+        input_cuts: list[InputCut] | None = None,
         model_class: str = "",
         example_inputs: Any = None,
         analysis_seconds: float = 0.0,
@@ -131,6 +152,7 @@ class ZeroInvariantGroups:
         self.unprunable_tensors = unprunable_tensors or {}
         self.unsupported_ops = unsupported_ops or []
         self.norm_paddings = norm_paddings or []
+        self.input_cuts = input_cuts or []
         self.model_class = model_class
         self.example_inputs = example_inputs
         self.analysis_seconds = analysis_seconds
@@ -293,6 +315,22 @@ class ZeroInvariantGroups:
                 out[p.module] = (p.dim, p.group.numel(), (~gone).nonzero().flatten())
         return out
 
+    def cut_inputs(self, remove: torch.Tensor) -> dict[str, list[dict[str, Any]]]:
+        """Module arguments that lose positions: module -> specs for ``cut_input`` (argument
+        position or name, dim, period of the pattern, kept positions within one period)."""
+        remove = remove.bool().cpu()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for c in self.input_cuts:
+            gone = (c.group >= 0) & remove[c.group.clamp(min=0)]
+            if not gone.any():
+                continue
+            n = c.group.numel()
+            period = next(p for p in range(1, n + 1) if n % p == 0 and torch.equal(c.group, c.group[:p].repeat(n // p)))
+            kept = (~gone[:period]).nonzero().flatten().tolist()
+            out.setdefault(c.module, []).append(
+                {"position": c.position, "name": c.name, "dim": c.dim, "period": period, "kept": kept})
+        return out
+
     def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
         """For every tensor that shrinks: dim -> sorted positions to keep.
 
@@ -408,12 +446,14 @@ class ZeroInvariantGroups:
             "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
             "tensor_aliases": self.tensor_aliases,
             "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
-                          "sign": b.sign, "group": b.group.tolist(), "divisor": b.divisor}
+                          "sign": b.sign, "group": b.group.tolist(), "divisor": b.divisor, "offset": b.offset}
                          for b in self.bindings],
             "unprunable_tensors": self.unprunable_tensors,
             "unsupported_ops": self.unsupported_ops,
             "norm_paddings": [{"module": p.module, "dim": p.dim, "group": p.group.tolist()}
                               for p in self.norm_paddings],
+            "input_cuts": [{"module": c.module, "position": c.position, "name": c.name, "dim": c.dim,
+                            "group": c.group.tolist()} for c in self.input_cuts],
         }
 
     @classmethod
@@ -429,11 +469,13 @@ class ZeroInvariantGroups:
             tensor_aliases=state["tensor_aliases"],
             config=GroupConfig.from_dict(state["config"]),
             bindings=[AttributeBinding(b["module"], b["attribute"], b["value"], b["sign"], long(b["group"]),
-                                       b["divisor"]) for b in state["bindings"]],
+                                       b["divisor"], b.get("offset", 0)) for b in state["bindings"]],
             unprunable_tensors=state["unprunable_tensors"],
             unsupported_ops=state["unsupported_ops"],
             norm_paddings=[NormPadding(p["module"], p["dim"], long(p["group"]))
                            for p in state.get("norm_paddings", [])],
+            input_cuts=[InputCut(c["module"], c["position"], c["name"], c["dim"], long(c["group"]))
+                        for c in state.get("input_cuts", [])],
             model_class=state["model_class"],
         )
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..graph.inputs import call_with
 from ..groups import ZeroInvariantGroups
 from .manifest import update_manifest
-from .modeling_hf_oto import pad_norm
+from .modeling_hf_oto import cut_inputs, pad_norm
 
 
 class CompressionError(ValueError):
@@ -85,6 +85,7 @@ def compress(
     remove = groups.feasible_removal(remove)
     plan = groups.removal_plan(remove)
     paddings = groups.padded_norms(remove)
+    cuts = groups.cut_inputs(remove)
     attribute_updates = _binding_updates(groups, remove)
     reference = _run(model, groups.example_inputs) if check and groups.example_inputs is not None else None
 
@@ -99,7 +100,9 @@ def compress(
     for path, (dim, size, kept) in paddings.items():
         pad_norm(target.get_submodule(path), dim, size, kept)
         padding_specs[path] = {"dim": dim, "size": size, "kept": kept.tolist()}
-    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs)
+    for path, specs in cuts.items():
+        cut_inputs(target.get_submodule(path), specs)
+    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs, inputs=cuts)
 
     if reference is not None:
         _verify(reference, _run(target, groups.example_inputs), rtol)
@@ -151,7 +154,7 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
         if kept % b.divisor:
             raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
                                    f"positions but {kept} positions remain")
-        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor)
+        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor + b.offset)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:

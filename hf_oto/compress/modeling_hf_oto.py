@@ -6,8 +6,9 @@ loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the insta
 
 The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the layers replaced by
 new layer types (``modules``), the new shape of every resized tensor (``shapes``), the new
-value of every changed module attribute (``attributes``) and the norm layers that run at their
-original width on zero-padded inputs (``paddings``). A ``HfOto<Base>`` class builds
+value of every changed module attribute (``attributes``), the norm layers that run at their
+original width on zero-padded inputs (``paddings``) and the module arguments computed for every head
+of which a module keeps only its own heads' positions (``inputs``). A ``HfOto<Base>`` class builds
 ``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
 checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
 """
@@ -64,6 +65,45 @@ def pad_norm(module: torch.nn.Module, dim: int, size: int, kept: Any) -> None:
         module._hf_oto_padded = True
 
 
+def _cut_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # The argument was computed for every head of the original model; the removed heads' positions
+    # met only zeroed weights, so reading just the kept ones gives the same outputs.
+    args, kwargs = list(args), dict(kwargs)
+    for spec in module._hf_oto_cuts:
+        position, name = spec["position"], spec["name"]
+        if position is not None and position < len(args):
+            where, key = args, position
+        elif name is not None and name in kwargs:
+            where, key = kwargs, name
+        else:
+            continue  # not passed in this call
+        x = where[key]
+        if not isinstance(x, torch.Tensor):
+            continue
+        dim = spec["dim"] % x.dim()
+        kept = _kept_index_of(module, spec, x.device)
+        blocks = x.unflatten(dim, (-1, spec["period"]))
+        where[key] = blocks.index_select(dim + 1, kept).flatten(dim, dim + 1)
+    return tuple(args), kwargs
+
+
+def _kept_index_of(module: torch.nn.Module, spec: dict, device: torch.device) -> torch.Tensor:
+    cache = module.__dict__.setdefault("_hf_oto_cut_cache", {})
+    key = (id(spec), device)
+    if key not in cache:
+        cache[key] = torch.tensor(spec["kept"], dtype=torch.long, device=device)
+    return cache[key]
+
+
+def cut_inputs(module: torch.nn.Module, specs: list[dict[str, Any]]) -> None:
+    """Make ``module`` read only the kept positions of arguments computed for all heads."""
+    module._hf_oto_cuts = [dict(spec) for spec in specs]
+    module.__dict__.pop("_hf_oto_cut_cache", None)
+    if not getattr(module, "_hf_oto_cut", False):
+        module.register_forward_pre_hook(_cut_arguments, with_kwargs=True)
+        module._hf_oto_cut = True
+
+
 def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -> torch.nn.Module:
     """Resize tensors and set attributes of a freshly built ``model`` as the manifest says."""
     if manifest.get("version") != MANIFEST_VERSION:
@@ -99,6 +139,8 @@ def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -
             setattr(module, attr, value)
     for module_path, spec in manifest.get("paddings", {}).items():
         pad_norm(model.get_submodule(module_path), spec["dim"], spec["size"], spec["kept"])
+    for module_path, specs in manifest.get("inputs", {}).items():
+        cut_inputs(model.get_submodule(module_path), specs)
     return model
 
 

@@ -9,21 +9,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..groups import AttributeBinding, GroupSlice, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
+from ..groups import AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
 from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
 from .config import GroupConfig
+from .entries import resolve_entries
 from .inputs import call_with, default_example_inputs
 from .shape_rules import RULES as SHAPE_RULES
-from .trace import ChannelTracer, SizeSite, TraceResult
+from .sizes import bind_sizes
+from .trace import ChannelTracer, TraceResult
 
 RULES = {**SHAPE_RULES, **COMPUTE_RULES}
-
-# Attribute names that look like sizes win over other integer attributes of the same value.
-_SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|embed|inner|group", re.I)
-_NORM_MODULE = re.compile(r"norm", re.I)
-_NEVER_A_SIZE = re.compile(r"^(layer_idx|layer_id|idx|index|id|seed|step|version|rank|world_size)$")
 
 
 def find_groups(
@@ -77,121 +74,58 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _unit_size(labels: np.ndarray) -> int:
-    """How many positions each atom holds along a dimension, when that is uniform.
+def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int], dict[int, int]]:
+    """Modules whose statistics over a prunable dimension stay exact when they run on their input
+    zero-padded back to full width (the removed positions were exactly zero in the sparse model).
 
-    After ``(h, d) -> h*d`` each head's atom fills ``d`` positions; after ``(b, h) -> b*h`` it
-    fills ``b``. A literal size there is the number of units times this multiplicity.
-    """
-    _, counts = np.unique(labels[labels >= 0], return_counts=True)
-    return int(counts[0]) if counts.size and (counts == counts[0]).all() else 1
+    A site (an op computing statistics over the dimension) qualifies when, in the innermost module
+    running it, the dimension is one of the module's first input and of its first output (so the
+    padded positions can be dropped again on the way out), and no submodule holds a tensor of the
+    same structures (it would be sliced while the module runs at full width). LayerNorm, RMSNorm,
+    per-projection q/k norms and ConvNeXt V2's global response norm all have this form.
 
-
-_COUNT_NAME = re.compile(r"head|num_|^n_|count", re.I)
-_NOT_A_COUNT = re.compile(r"dim|size", re.I)
-
-
-def _attributes_equal_to(module: torch.nn.Module, value: int, counts_units: bool) -> list[str]:
-    """Integer attributes of ``module`` equal to ``value``; among several, the names that fit the
-    role win (a count of heads vs. a width), so ``num_heads == head_dim`` is not ambiguous."""
-    matches = [k for k, v in vars(module).items()
-               if type(v) is int and v == value and not _NEVER_A_SIZE.match(k) and not k.startswith("_")]
-    if len(matches) <= 1:
-        return matches
-    if counts_units:
-        preferred = [k for k in matches if _COUNT_NAME.search(k) and not _NOT_A_COUNT.search(k)]
-    else:
-        preferred = [k for k in matches if _SIZE_NAME.search(k)]
-    return preferred or matches
-
-
-def _bind_sites(trace: TraceResult, structural: np.ndarray) -> list[tuple[str, str, int, SizeSite]]:
-    """Attach each literal size to the module attribute that holds it, or flag the dimension.
-
-    A literal like ``self.num_heads * self.head_dim`` has no attribute of its own: when the
-    dimension is made of equal units (heads), the attribute holding the number of units is bound
-    with the unit size as divisor.
-    """
-    bound: list[tuple[str, str, int, SizeSite]] = []
-    for site in trace.sites:
-        atoms = site.labels[site.labels >= 0]
-        if not structural[atoms].any():
-            continue  # the dimension never meets a parameter's structure (a sequence length)
-        value = abs(site.value)
-        unit = _unit_size(site.labels)
-        path = site.module
-        found: list[tuple[str, int]] = []
-        while True:
-            module = trace.modules.get(path)
-            if module is not None:
-                found = [(a, 1) for a in _attributes_equal_to(module, value, site.units)]
-                if not found and unit > 1 and value % unit == 0:
-                    found = [(a, unit) for a in _attributes_equal_to(module, value // unit, True)]
-            if found or not path:
-                break
-            path = path.rpartition(".")[0]
-        if not found:
-            trace.atoms.flag(site.labels, UNPRUNABLE,
-                             f"module '{site.module or '<root>'}' writes the size {site.value} of this "
-                             f"dimension in its code ({site.op}) and holds it in no attribute")
-            continue
-        bound.extend((path, attr, divisor, site) for attr, divisor in found)
-    return bound
-
-
-def _multiset(roots: np.ndarray, labels: np.ndarray, divisor: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Components along a dimension with their multiplicities (in units of ``divisor``)."""
-    comps, counts = np.unique(roots[labels[labels >= 0]], return_counts=True)
-    return comps, counts / divisor
-
-
-def _same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
-    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-
-
-def _check_consistency(trace: TraceResult, bound, roots: np.ndarray) -> None:
-    """Sizes that must stay equal (split chunks, one attribute used twice) must shrink alike."""
-    for eq in trace.equal_shrink:
-        first = _multiset(roots, eq.parts[0])
-        if any(not _same(first, _multiset(roots, p)) for p in eq.parts[1:]):
-            for p in eq.parts:
-                trace.atoms.flag(p, UNPRUNABLE, f"chunks of {eq.op} in '{eq.module}' would shrink unequally")
-    by_attr: dict[tuple[str, str], list[tuple[SizeSite, int]]] = {}
-    for path, attr, divisor, site in bound:
-        by_attr.setdefault((path, attr), []).append((site, divisor))
-    for (path, attr), sites in by_attr.items():
-        first = _multiset(roots, sites[0][0].labels, sites[0][1])
-        if any(not _same(first, _multiset(roots, s.labels, d)) for s, d in sites[1:]):
-            for s, _ in sites:
-                trace.atoms.flag(s.labels, UNPRUNABLE,
-                                 f"attribute '{attr}' of '{path}' sizes dimensions that shrink differently")
-
-
-def _norm_paddings(trace: TraceResult, roots: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], set[int]]:
-    """Norm modules whose statistics can stay exact by zero-padding their input to full width.
-
-    A site qualifies when it runs inside a module named like a norm and normalises a dimension of
-    that module's first input. Returns the paddings (module, input dim, atoms) and the components
-    normalised somewhere that cannot be padded (their removal stays approximate).
+    Returns the paddings (module, dim from the end, atoms of the first input along it), the
+    components normalised somewhere that cannot be padded (their removal is approximate), and for
+    each normalised component the number of modules normalising it.
     """
     paddings: dict[str, tuple[str, int, np.ndarray]] = {}
     inexact: set[int] = set()
+    sites_of: dict[int, set[str]] = {}
     for site in trace.norm_sites:
-        comps = roots[site.labels[site.labels >= 0]]
-        module = trace.modules.get(site.module)
-        inputs = trace.module_inputs.get(site.module, [])
-        dim = None
-        if module is not None and _NORM_MODULE.search(type(module).__name__):
-            for d, lab in enumerate(inputs):
-                if lab is not None and lab.shape == site.labels.shape and np.array_equal(
-                        _lookup(roots, lab), _lookup(roots, site.labels)):
-                    dim = d - len(inputs)  # from the end: batch dims of later calls may differ
-                    break
+        comps = np.unique(roots[site.labels[site.labels >= 0]])
+        for c in comps.tolist():
+            sites_of.setdefault(c, set()).add(site.module)
+        dim = _paddable_dim(trace, roots, site)
         if dim is None:
-            inexact.update(np.unique(comps).tolist())
+            inexact.update(comps.tolist())
         else:
+            inputs = trace.module_inputs[site.module]
             paddings.setdefault(site.module, (site.module, dim, inputs[dim + len(inputs)]))
-    return list(paddings.values()), inexact
+    return list(paddings.values()), inexact, {c: len(m) for c, m in sites_of.items()}
+
+
+def _paddable_dim(trace: TraceResult, roots: np.ndarray, site) -> int | None:
+    """The dimension (counted from the end) along which ``site``'s module can run padded, or None."""
+    if site.module not in trace.modules:
+        return None
+    inputs = trace.module_inputs.get(site.module, [])
+    outputs = trace.module_outputs.get(site.module, [])
+    want = _lookup(roots, site.labels)
+    for d, lab in enumerate(inputs):
+        if lab is None or lab.shape != site.labels.shape or not np.array_equal(_lookup(roots, lab), want):
+            continue
+        back = d - len(inputs)
+        out = outputs[back] if len(outputs) >= -back else None
+        if out is None or out.shape != lab.shape or not np.array_equal(_lookup(roots, out), want):
+            return None
+        comps = np.unique(want[want >= 0])
+        prefix = site.module + "." if site.module else ""
+        for o in trace.atoms.owners:
+            if o.tensor.startswith(prefix) and "." in o.tensor[len(prefix):] and np.isin(
+                    roots[o.start:o.start + o.size], comps).any():
+                return None
+        return back
+    return None
 
 
 def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -220,7 +154,14 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                 if lab is not None:
                     atoms.flag(lab, UNPRUNABLE, "parameter not used in the traced forward pass")
     roots = atoms.components()
-    structure = atoms.component_flags(roots).get(STRUCTURE, {})
+    if trace.entries:
+        roots, cuts = resolve_entries(atoms, trace.entries, roots, atoms.flagged_components(roots, HEAD))
+    else:
+        cuts = []
+    early = atoms.component_flags(roots)
+    structure = early.get(STRUCTURE, {})
+    frozen = np.zeros(atoms.n, dtype=bool)
+    frozen[np.fromiter(early.get(UNPRUNABLE, {}), dtype=np.int64)] = True
     param_atoms = np.zeros(atoms.n, dtype=bool)
     for o in atoms.owners:
         if o.is_param:
@@ -228,9 +169,8 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     has_param = np.zeros(atoms.n, dtype=bool)
     has_param[roots[param_atoms]] = True
     structural = has_param[roots] & np.isin(roots, np.fromiter(structure, dtype=np.int64))
-    bound = _bind_sites(trace, structural)
-    _check_consistency(trace, bound, roots)
-    paddings, inexact_comps = _norm_paddings(trace, roots)
+    bound = bind_sizes(trace, structural, roots, frozen)
+    paddings, inexact_comps, normalising_modules = _norm_paddings(trace, roots)
     flags = atoms.component_flags(roots)
     blocked = flags.get(UNPRUNABLE, {})
 
@@ -267,16 +207,23 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
     excluded = [re.compile(p) for p in config.exclude]
     groups: list[ZeroInvariantGroup] = []
     for g, comp in enumerate(candidates.tolist()):
-        if comp in embeds or comp in mixed:
-            kind = "hidden"
-        elif comp in heads:
+        # Heads stay heads when a q/k norm or a shared bias table also touches them. The residual
+        # stream is what the embeddings write, or what norms in several modules normalise; a
+        # width normalised by one module only (a norm inside an MLP, ConvNeXt V2's GRN) keeps its
+        # kind and is exact only where that module can run padded.
+        if comp in heads:
             kind = "head"
+        elif comp in embeds or normalising_modules.get(comp, 0) > 1:
+            kind = "hidden"
         elif comp in convs:
             kind = "channel"
         else:
             kind = "neuron"
         layer = _common_prefix(members[g])
         reason = blocked.get(comp, "")
+        if not reason and kind != "hidden" and comp in inexact_comps:
+            reason = (f"removal changes statistics the module cannot keep by running padded: "
+                      f"{mixed.get(comp, 'normalised')}")
         if not reason and not config.enabled(kind):
             reason = f"{kind} pruning is off (GroupConfig.prune_{'hidden' if kind == 'hidden' else kind + 's'})"
         if not reason and any(p.search(layer) for p in excluded):
@@ -285,10 +232,10 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
                                          exact=comp not in inexact_comps))
 
     bindings = []
-    for path, attr, divisor, site in bound:
-        gids = _lookup(gid_of, _lookup(roots, site.labels))
-        bindings.append(AttributeBinding(path, attr, site.value, site.sign, torch.from_numpy(gids),
-                                         divisor))
+    for b in bound:
+        gids = _lookup(gid_of, _lookup(roots, b.labels))
+        bindings.append(AttributeBinding(b.module, b.attribute, b.value, b.sign, torch.from_numpy(gids), b.divisor,
+                                         b.offset))
 
     norm_paddings = []
     for module, dim, labels in paddings:
@@ -296,10 +243,17 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if (gids >= 0).any():
             norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids)))
 
+    input_cuts = []
+    for cut in cuts:
+        gids = _lookup(gid_of, _lookup(roots, cut.labels))
+        if (gids >= 0).any():
+            input_cuts.append(InputCut(cut.module, cut.position, cut.name, cut.dim, torch.from_numpy(gids)))
+
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
     return ZeroInvariantGroups(
         groups, slices, shapes, {k: v for k, v in trace.tensor_names.items()},
         config=config, bindings=bindings, unprunable_tensors=unprunable_tensors, norm_paddings=norm_paddings,
+        input_cuts=input_cuts,
         unsupported_ops=list(trace.unsupported), model_class=model_class,
     )
 

@@ -49,6 +49,7 @@ class AtomTable:
         self._union_a: list[np.ndarray] = []
         self._union_b: list[np.ndarray] = []
         self._flags: list[tuple[np.ndarray, str, str]] = []
+        self._broadcast: list[tuple[int, int]] = []  # atom ranges of broadcast dimensions
 
     def allocate(self, tensor: str, is_param: bool, dim: int, size: int) -> np.ndarray:
         start = self.n
@@ -56,11 +57,25 @@ class AtomTable:
         self.owners.append(AtomOwner(tensor, is_param, dim, start, size))
         return np.arange(start, start + size, dtype=np.int64)
 
-    def allocate_virtual(self, size: int) -> np.ndarray:
-        """Atoms for a tensor the model creates with a literal size (``torch.zeros(1, h, s, s)``)."""
+    def allocate_virtual(self, size: int, broadcast: bool = False) -> np.ndarray:
+        """Atoms for a tensor the model creates with a literal size (``torch.zeros(1, h, s, s)``),
+        or, with ``broadcast``, for a dimension expanded from size one (every position holds the
+        same values, so it can shrink to whatever it meets)."""
         start = self.n
         self.n += size
+        if broadcast:
+            self._broadcast.append((start, start + size))
         return np.arange(start, start + size, dtype=np.int64)
+
+    def is_broadcast(self, atoms: np.ndarray) -> bool:
+        """Whether every atom in ``atoms`` was allocated for a broadcast dimension."""
+        atoms = atoms[atoms >= 0]
+        if not self._broadcast or atoms.size == 0:
+            return False
+        starts = np.fromiter((s for s, _ in self._broadcast), dtype=np.int64)
+        ends = np.fromiter((e for _, e in self._broadcast), dtype=np.int64)
+        k = np.searchsorted(starts, atoms, side="right") - 1
+        return bool(((k >= 0) & (atoms < ends[np.maximum(k, 0)])).all())
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Union position-wise; positions where either side is -1 are skipped."""
@@ -87,26 +102,15 @@ class AtomTable:
             self._flags.append((atoms, kind, reason))
 
     def components(self) -> np.ndarray:
-        """Root atom of every atom (vectorised hooking with pointer jumping)."""
-        parent = np.arange(self.n, dtype=np.int64)
+        """Root atom (the smallest in its component) of every atom."""
         if not self._union_a:
-            return parent
-        a = np.concatenate(self._union_a)
-        b = np.concatenate(self._union_b)
-        while True:
-            ra, rb = parent[a], parent[b]
-            differ = ra != rb
-            if not differ.any():
-                return parent
-            ra, rb = ra[differ], rb[differ]
-            low = np.minimum(ra, rb)
-            np.minimum.at(parent, ra, low)
-            np.minimum.at(parent, rb, low)
-            while True:
-                grand = parent[parent]
-                if np.array_equal(grand, parent):
-                    break
-                parent = grand
+            return np.arange(self.n, dtype=np.int64)
+        return union_find(self.n, np.concatenate(self._union_a), np.concatenate(self._union_b))
+
+    def flagged_components(self, roots: np.ndarray, kind: str) -> set[int]:
+        """Components carrying a flag of ``kind``."""
+        found = [roots[atoms] for atoms, k, _ in self._flags if k == kind]
+        return set(np.unique(np.concatenate(found)).tolist()) if found else set()
 
     def component_flags(self, roots: np.ndarray) -> dict[str, dict[int, str]]:
         """For each flag kind, the components carrying it with the first reason recorded."""
@@ -124,3 +128,23 @@ class AtomTable:
             uniq, first = np.unique(all_comps, return_index=True)
             out[kind] = {int(c): reasons[int(i)] for c, i in zip(uniq, all_ids[first])}
         return out
+
+
+def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Smallest member of the component of each of ``n`` items joined pairwise by ``a[i]``, ``b[i]``
+    (vectorised hooking with pointer jumping)."""
+    parent = np.arange(n, dtype=np.int64)
+    while True:
+        ra, rb = parent[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            return parent
+        ra, rb = ra[differ], rb[differ]
+        low = np.minimum(ra, rb)
+        np.minimum.at(parent, ra, low)
+        np.minimum.at(parent, rb, low)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand

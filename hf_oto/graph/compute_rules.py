@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .atoms import CONV, EMBED, HEAD, STRUCTURE
+from .signs import POSITIVE
 from .trace import OpContext
 
 aten = torch.ops.aten
@@ -36,7 +37,8 @@ def broadcast(ctx: OpContext, tensors: list[torch.Tensor], out_shape, what: str)
     return res
 
 
-# Pointwise functions that blow up at zero: a zeroed channel would turn into inf/nan.
+# Pointwise functions that blow up at zero: a zeroed channel would turn into inf/nan, unless the
+# argument is provably positive (a statistic plus epsilon, see signs.py).
 _SINGULAR_AT_ZERO = {"reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "lgamma"}
 
 
@@ -44,12 +46,14 @@ def pointwise(ctx: OpContext, args, kwargs, out):
     tensors = _tensors(args, kwargs)
     name = ctx.func.overloadpacket.__name__.rstrip("_")
     if name in _SINGULAR_AT_ZERO:
-        for lab in ctx.lab(tensors[0]):
-            ctx.unprunable(lab, f"{name} is singular at zero")
+        if ctx.tracer.sign(tensors[0]) != POSITIVE:
+            for lab in ctx.lab(tensors[0]):
+                ctx.unprunable(lab, f"{name} is singular at zero")
     elif name in ("div", "floor_divide", "remainder", "fmod") and len(tensors) > 1 and tensors[1] is args[1]:
-        for lab in ctx.lab(tensors[1]):
-            ctx.unprunable(lab, "division by a prunable dimension")
-    elif name == "pow" and isinstance(args[1], (int, float)) and args[1] < 0:
+        if name != "div" or ctx.tracer.sign(tensors[1]) != POSITIVE:
+            for lab in ctx.lab(tensors[1]):
+                ctx.unprunable(lab, "division by a prunable dimension")
+    elif name == "pow" and isinstance(args[1], (int, float)) and args[1] < 0 and ctx.tracer.sign(args[0]) != POSITIVE:
         for lab in ctx.lab(tensors[0]):
             ctx.unprunable(lab, "negative power")
     if isinstance(out, torch.Tensor):
@@ -203,8 +207,11 @@ def attention(ctx: OpContext, args, kwargs, out):
         lk[lead] is not None or lv[lead] is not None) else None
     rep = hq // hkv if hkv else 1
     expanded = np.repeat(kv_heads, rep) if kv_heads is not None else None
-    heads = ctx.merge([lq[lead], expanded], "query heads sharing a key/value head") if (
-        lq[lead] is not None or expanded is not None) else None
+    if hkv == 1:
+        heads = lq[lead]  # one key/value head broadcast to all (multi-query): query heads are free
+    else:
+        heads = ctx.merge([lq[lead], expanded], "query heads sharing a key/value head") if (
+            lq[lead] is not None or expanded is not None) else None
     contract(ctx, lq[-1], lk[-1])
     keys = ctx.merge([lk[-2], lv[-2]], "key/value sequence") if (
         lk[-2] is not None or lv[-2] is not None) else None
@@ -216,7 +223,12 @@ def attention(ctx: OpContext, args, kwargs, out):
     for lab in (heads, kv_heads):
         ctx.mark(lab, HEAD)
         ctx.mark(lab, STRUCTURE)
-    result = scores[:lead] + [heads, scores[lead + 1], lv[-1]]
+    value_dim = lv[-1]
+    if hkv == 1 and hq > 1:
+        # Multi-query: one value head's rows feed a column of every query head; they stay whole.
+        ctx.unprunable(value_dim, "value rows shared by every query head (multi-query attention)")
+        value_dim = None
+    result = scores[:lead] + [heads, scores[lead + 1], value_dim]
     if isinstance(out, (tuple, list)):
         rest = []
         for o in out[1:]:

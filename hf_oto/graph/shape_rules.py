@@ -51,6 +51,8 @@ def reshape_labels(
         return out
     for bi, bo in _blocks(in_shape, list(out_shape)):
         labeled = [d for d in bi if in_labels[d] is not None]
+        if len(labeled) > 1:  # a broadcast dimension repeats the others: it adds no structure
+            labeled = [d for d in labeled if not ctx.atoms.is_broadcast(in_labels[d])] or labeled[:1]
         if not labeled:
             continue
         if len(labeled) > 1:
@@ -84,9 +86,12 @@ def reshape_labels(
                 out[bo[k]] = first
                 coarsened.add(bo[k])
     if literal is not None:
-        for k, lab in enumerate(out):
-            if lab is not None and k < len(literal):
-                ctx.site(int(literal[k]), lab, "reshape size", units=k in coarsened)
+        n = len(literal)
+        for k, lab in enumerate(out[:n]):
+            if lab is not None:
+                ctx.site(int(literal[k]), lab, "reshape size", units=k in coarsened, position=k, length=n)
+            else:
+                ctx.fixed(int(literal[k]), "reshape size", position=k, length=n)
     return out
 
 
@@ -96,16 +101,23 @@ def view(ctx: OpContext, args, kwargs, out):
 
 
 def expand(ctx: OpContext, args, kwargs, out):
+    """A dimension expanded from size one gets fresh atoms: it holds the same values everywhere,
+    so it shrinks with whatever it meets (a shared key/value head read by every query head)."""
     x, size = args[0], list(args[1])
     lab = ctx.lab(x)
     lead = out.dim() - x.dim()
     res: list[np.ndarray | None] = [None] * lead
-    for d, labels in enumerate(lab):
-        if labels is not None and x.shape[d] == out.shape[lead + d]:
-            ctx.site(int(size[lead + d]), labels, "expand size")
-            res.append(labels)
+    for d in range(x.dim()):
+        labels, n, k = lab[d], out.shape[lead + d], lead + d
+        if x.shape[d] == 1 and n > 1:
+            labels = ctx.atoms.allocate_virtual(n, broadcast=True)
+            ctx.site(int(size[k]), labels, "expand size", position=k, length=len(size))
+            ctx.fixed(int(size[k]), "expand size", position=k, length=len(size), labels=labels, attributes_only=True)
+        elif labels is not None:
+            ctx.site(int(size[k]), labels, "expand size", position=k, length=len(size))
         else:
-            res.append(None)
+            ctx.fixed(int(size[k]), "expand size", position=k, length=len(size))
+        res.append(labels)
     return res
 
 
@@ -311,19 +323,61 @@ def index_select(ctx: OpContext, args, kwargs, out):
 
 
 def gather(ctx: OpContext, args, kwargs, out):
+    """Position i of every other dimension reads position i of the input: those shrink together
+    with the index's (an index expanded over heads follows the heads)."""
     x, dim, index = args[0], args[1] % args[0].dim(), args[2]
-    lab = ctx.lab(x)
+    lab, lidx = ctx.lab(x), ctx.lab(index)
     ctx.unprunable(lab[dim], "gather along a prunable dimension")
-    return [None if d == dim or index.shape[d] != x.shape[d] else lab[d] for d in range(x.dim())]
+    res: list[np.ndarray | None] = []
+    for d in range(x.dim()):
+        if d == dim or index.shape[d] != x.shape[d] or x.shape[d] == 1:
+            res.append(None)
+        elif lab[d] is None and lidx[d] is None:
+            res.append(None)
+        else:
+            res.append(ctx.merge([lab[d], lidx[d]], "gather"))
+    return res
+
+
+def _literal_positions(ctx: OpContext, index: torch.Tensor, size: int) -> list[int] | None:
+    """Positions picked by an index written as a list in the code (``qkv[..., [-2], :]``), or None.
+
+    The list's integers reach the op as a tensor; they are recognised among the integers of the
+    indexing call itself, so an index computed from data (a router's choice) never qualifies.
+    """
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32) or not ctx.tracer.call_ints:
+        return None
+    written = [v for v, _ in ctx.tracer.call_ints]
+    n = index.numel()
+    if index.device.type == "meta":
+        values = written if len(written) == n else None
+    else:
+        values = index.tolist()
+        if not any(written[i:i + n] == values for i in range(len(written) - n + 1)):
+            values = None
+    if values is None or not all(-size <= v < size for v in values):
+        return None
+    return values
 
 
 def index(ctx: OpContext, args, kwargs, out):
-    """Advanced indexing ``x[..., idx, ...]``: indexed dims cannot shrink, the others keep labels."""
+    """Advanced indexing ``x[..., idx, ...]``: indexed dims cannot shrink, the others keep labels.
+
+    An index written as a literal list picks fixed positions: those stay, and so do the positions
+    between them and the end they are counted from (``[-2]`` still means the same row when only
+    rows before it go); the rest of the dimension stays prunable.
+    """
     x, indices = args[0], list(args[1])
     lab = ctx.lab(x)
     indexed = [d for d, i in enumerate(indices) if i is not None]
     for d in indexed:
-        ctx.unprunable(lab[d], "advanced indexing of a prunable dimension")
+        picked = _literal_positions(ctx, indices[d], x.shape[d]) if len(indexed) == 1 and lab[d] is not None else None
+        if picked is None:
+            ctx.unprunable(lab[d], "advanced indexing of a prunable dimension")
+            continue
+        for v in picked:
+            pinned = lab[d][v:] if v < 0 else lab[d][:v + 1]
+            ctx.unprunable(pinned, f"picked by the literal index {v}, or between it and the end it counts from")
     kept = [(d, lab[d]) for d in range(x.dim()) if d not in indexed]
     n_index_dims = out.dim() - len(kept)
     contiguous = indexed == list(range(indexed[0], indexed[-1] + 1)) if indexed else True

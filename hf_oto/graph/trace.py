@@ -23,6 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .atoms import MIXED, UNPRUNABLE, AtomTable
+from .entries import EntryRecord, EntryTracker
+from .provenance import AttributeTracing, Expr, TracedInt, collect_ints, depends_on, sizes_in
+from .signs import sign_of
 
 # Torch functions whose integer arguments come from the model's own code. Inside any other torch
 # function (F.linear, torch.flatten, F.scaled_dot_product_attention, ...) sizes are derived.
@@ -75,6 +78,20 @@ class SizeSite:
     labels: np.ndarray
     sign: int = 1
     units: bool = False  # the dimension counts whole units (heads) made by a reshape
+    expr: Expr | None = None  # how the code computed the value from module attributes, if it did
+
+
+@dataclass
+class FixedSize:
+    """A size the code computes from module attributes for a dimension that never shrinks (the
+    width inside a head, the number of query heads per key/value head): it must keep its value
+    when an attribute it reads is updated."""
+
+    module: str
+    op: str
+    value: int
+    expr: Expr
+    labels: np.ndarray | None = None  # a broadcast dimension: fixed unless it meets a structure
 
 
 @dataclass
@@ -107,7 +124,12 @@ class TraceResult:
     output_labels: list[np.ndarray]
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     norm_sites: list[NormSite] = field(default_factory=list)
-    module_inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    module_inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # first call's first input
+    module_outputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # and its first output
+    fixed_sizes: list[FixedSize] = field(default_factory=list)
+    size_labels: list[np.ndarray] = field(default_factory=list)  # labels of each ("size", k) term
+    entries: list[EntryRecord] = field(default_factory=list)  # arguments given fresh atoms on entry
+    attribute_values: dict[tuple[str, str], int] = field(default_factory=dict)  # integer attributes
 
 
 class OpContext:
@@ -168,16 +190,43 @@ class OpContext:
                     self.unprunable(out[bad], f"{what} with positions that cannot shrink")
         return out
 
-    def site(self, value: int, labels: np.ndarray, what: str, sign: int = 1, units: bool = False) -> None:
+    def expr_for(self, value: int, position: int | None = None, length: int | None = None) -> Expr | None:
+        """The expression over module attributes that an integer argument of the current call came
+        from: by position when the call's integers line up with the op's size list, else by value
+        (None when several integers of that value came from different places)."""
+        ints = self.tracer.call_ints
+        if position is not None and len(ints) == length and ints[position][0] == value:
+            return ints[position][1]
+        exprs = {e for v, e in ints if v == value}
+        return exprs.pop() if len(exprs) == 1 else None
+
+    def site(self, value: int, labels: np.ndarray, what: str, sign: int = 1, units: bool = False,
+             position: int | None = None, length: int | None = None) -> None:
         """Record a literal size for a labelled dimension, unless it came from the tensor itself."""
         if not self.tracer.explicit_sizes or value == -1:
             return
         if (labels >= 0).sum() == 0:
             return
-        for seen in self.tracer.size_reads.get(int(value), ()):  # read via x.size()/x.shape
-            if seen.shape == labels.shape and np.array_equal(seen, labels):
-                return
-        self.tracer.sites.append(SizeSite(self.module, f"{what} ({self.func})", int(value), labels, sign, units))
+        expr = self.expr_for(int(value), position, length)
+        if expr is None:
+            for seen in self.tracer.size_reads.get(int(value), ()):  # read via x.size()/x.shape
+                if seen.shape == labels.shape and np.array_equal(seen, labels):
+                    return
+        self.tracer.sites.append(SizeSite(self.module, f"{what} ({self.func})", int(value), labels, sign, units,
+                                          expr))
+
+    def fixed(self, value: int, what: str, position: int | None = None, length: int | None = None,
+              labels: np.ndarray | None = None, attributes_only: bool = False) -> None:
+        """Record a size computed from module attributes for a dimension that cannot shrink (or,
+        given its broadcast ``labels``, that shrinks only if it meets a structure). With
+        ``attributes_only``, a size read off tensors is taken to follow them."""
+        if not self.tracer.explicit_sizes or value == -1:
+            return
+        expr = self.expr_for(int(value), position, length)
+        if sizes_in(expr) and attributes_only:
+            return
+        if depends_on(expr) or sizes_in(expr):
+            self.tracer.fixed_sizes.append(FixedSize(self.module, f"{what} ({self.func})", int(value), expr, labels))
 
     def equal_shrink(self, parts: list[np.ndarray]) -> None:
         if len(parts) > 1:
@@ -197,14 +246,14 @@ class _FunctionLevel(TorchFunctionMode):
         tracer = self.tracer
         if func in _SIZE_READERS:
             out = func(*args, **kwargs)
-            tracer.note_size_read(args[0], out, args[1:] + tuple(kwargs.values()))
-            return out
-        previous = tracer.explicit_sizes
+            return tracer.note_size_read(args[0], out, args[1:] + tuple(kwargs.values()))
+        previous, previous_ints = tracer.explicit_sizes, tracer.call_ints
         tracer.explicit_sizes = func in _EXPLICIT_SHAPE_FUNCTIONS
+        tracer.call_ints = list(collect_ints((args, kwargs))) if tracer.explicit_sizes else []
         try:
             return func(*args, **kwargs)
         finally:
-            tracer.explicit_sizes = previous
+            tracer.explicit_sizes, tracer.call_ints = previous, previous_ints
 
 
 class _DispatchLevel(TorchDispatchMode):
@@ -230,13 +279,19 @@ class ChannelTracer:
         self.labels: dict[int, tuple[torch.Tensor, list[np.ndarray | None]]] = {}
         self.module_stack: list[str] = [""]
         self.explicit_sizes = False
+        self.call_ints: list[tuple[int, Expr | None]] = []  # integers of the current explicit call
+        self.fixed_sizes: list[FixedSize] = []
+        self.size_labels: list[np.ndarray] = []  # labels of every size read, by term id
         self.size_reads: dict[int, list[np.ndarray]] = {}
         self.sites: list[SizeSite] = []
         self.equal_shrink: list[EqualShrink] = []
         self.unsupported: list[str] = []
         self.norm_sites: list[NormSite] = []
         self.module_inputs: dict[str, list[np.ndarray | None]] = {}
+        self.module_outputs: dict[str, list[np.ndarray | None]] = {}
         self.used: set[str] = set()
+        # Labelled outputs known to be >= 0 or > 0 (see signs.py); the tensor is kept so its id stays.
+        self.signs: dict[int, tuple[torch.Tensor, int]] = {}
         self.tensor_names: dict[str, list[str]] = {}
         self.tensor_is_param: dict[str, bool] = {}
         self.tensor_atoms: dict[str, list[np.ndarray | None]] = {}
@@ -267,18 +322,25 @@ class ChannelTracer:
             self.labels[key] = (tensor, labels)
 
     # -- hooks -------------------------------------------------------------------------------
-    def note_size_read(self, tensor: Any, out: Any, extra: tuple) -> None:
+    def note_size_read(self, tensor: Any, out: Any, extra: tuple) -> Any:
+        """Remember sizes read from labelled dimensions; return them as TracedInts."""
         entry = self.labels.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
         if entry is None:
-            return
+            return out
         labels = entry[1]
         if isinstance(out, int):
-            dims = [extra[0] % tensor.dim()] if extra else []
-        else:
-            dims = list(range(tensor.dim()))
-        for d in dims:
-            if labels[d] is not None:
-                self.size_reads.setdefault(int(tensor.shape[d]), []).append(labels[d])
+            d = extra[0] % tensor.dim() if extra else None
+            return out if d is None else self._size_term(int(out), labels[d])
+        if not isinstance(out, torch.Size) or len(out) != len(labels):
+            return out
+        return torch.Size([self._size_term(int(n), lab) for n, lab in zip(out, labels)])
+
+    def _size_term(self, value: int, labels: np.ndarray | None) -> int:
+        if labels is None:
+            return value
+        self.size_reads.setdefault(value, []).append(labels)
+        self.size_labels.append(labels)
+        return TracedInt(value, ("size", len(self.size_labels) - 1, value))
 
     def record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if self.explicit_sizes and func.overloadpacket.__name__ in _FACTORIES and isinstance(out, torch.Tensor):
@@ -295,7 +357,7 @@ class ChannelTracer:
                 entry = self.labels.get(key)
                 if entry is not None and any(x is not None for x in entry[1]):
                     labeled = True
-        if not labeled:
+        if not labeled and func.overloadpacket is not torch.ops.aten.expand:
             # In-place ops on a labelled tensor with unlabelled operands still keep its labels.
             return
         rule = self.rules.get(func) or self.rules.get(func.overloadpacket)
@@ -303,6 +365,9 @@ class ChannelTracer:
             rule = self.rules["pointwise"]
         ctx = OpContext(self, func)
         if rule is None:
+            if not self._holds_structure(flat):
+                self._assign(out, None)  # only broadcast dimensions: nothing to lose
+                return
             rule = self.fallback
             note = f"{func} in module '{ctx.module or '<root>'}'"
             if note not in self.unsupported:
@@ -314,6 +379,22 @@ class ChannelTracer:
                 )
         result = rule(ctx, args, kwargs, out)
         self._assign(out, result)
+        if isinstance(out, torch.Tensor) and id(out) in self.labels:
+            sign = sign_of(func, args, kwargs, self.sign)
+            if sign:
+                self.signs[id(out)] = (out, sign)
+
+    def _holds_structure(self, flat: list) -> bool:
+        for t in flat:
+            entry = self.labels.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if entry is not None and any(x is not None and not self.atoms.is_broadcast(x) for x in entry[1]):
+                return True
+        return False
+
+    def sign(self, t: torch.Tensor) -> int:
+        """Recorded sign of a labelled tensor (signs.NONNEG, signs.POSITIVE) or 0 if unknown."""
+        entry = self.signs.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else 0
 
     def _label_factory(self, func: Any, out: torch.Tensor) -> None:
         ctx = OpContext(self, func)
@@ -345,7 +426,7 @@ class ChannelTracer:
         names = {id(m): n for n, m in self.model.named_modules()}
         stack = self.module_stack
 
-        module_inputs = self.module_inputs
+        module_inputs, module_outputs = self.module_inputs, self.module_outputs
 
         def pre_hook(module, args):
             name = names.get(id(module), stack[-1])
@@ -355,16 +436,23 @@ class ChannelTracer:
                 entry = self.labels.get(id(first))
                 module_inputs[name] = list(entry[1]) if entry is not None else [None] * first.dim()
 
-        def post_hook(module, _args, _out):
-            if len(stack) > 1:
-                stack.pop()
+        def post_hook(module, _args, out):
+            name = stack.pop() if len(stack) > 1 else stack[-1]
+            first = out if isinstance(out, torch.Tensor) else next(
+                (o for o in out if isinstance(o, torch.Tensor)), None) if isinstance(out, (tuple, list)) else None
+            if first is not None and name not in module_outputs:
+                entry = self.labels.get(id(first))
+                module_outputs[name] = list(entry[1]) if entry is not None else [None] * first.dim()
 
         handles = [
             torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
             torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True),
         ]
+        entries = EntryTracker(self, names)
+        handles += entries.install(self.model)
+        attributes = AttributeTracing(self.model)
         try:
-            with _FunctionLevel(self), _DispatchLevel(self):
+            with attributes, _FunctionLevel(self), _DispatchLevel(self):
                 output = call()
         finally:
             for h in handles:
@@ -387,6 +475,11 @@ class ChannelTracer:
             modules=dict(self.model.named_modules()),
             norm_sites=self.norm_sites,
             module_inputs=self.module_inputs,
+            module_outputs=self.module_outputs,
+            fixed_sizes=self.fixed_sizes,
+            size_labels=self.size_labels,
+            entries=entries.records,
+            attribute_values=attributes.values,
         )
 
 
