@@ -21,7 +21,8 @@ SIGKILL at the n-th such event:
 - ``fsync``: before an ``os.fsync``.
 
 Every complete run writes ``result-rank<r>.json``: a hash of the trained weights and how many
-events of each kind happened (the tests spread their kill points with it).
+events of each kind happened (the tests spread their kill points with it). A process about to
+kill itself first creates ``<out>.killed-rank<r>``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ SAVE_STEPS = 10
 class _Faults:
     """Counts the events above and dies at the chosen one."""
 
-    def __init__(self, spec: str | None, rank: int) -> None:
+    def __init__(self, spec: str | None, rank: int, marker: str) -> None:
         self.counts: Counter[str] = Counter()
+        self.marker = marker
         self.event, self.n = None, 0
         if spec:
             spec, _, only_rank = spec.partition("@")
@@ -68,6 +70,7 @@ class _Faults:
 
     def die(self) -> None:
         sys.stdout.flush()
+        os.close(os.open(self.marker, os.O_WRONLY | os.O_CREAT, 0o644))  # proof that the kill came from here
         os.kill(os.getpid(), signal.SIGKILL)
 
     def install(self) -> None:
@@ -169,7 +172,7 @@ def run(out: str, kill: str | None = None) -> None:
     """One run: resume from ``out`` if it holds a checkpoint, train, compress, save."""
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", 0))
-    faults = _Faults(kill, rank)
+    faults = _Faults(kill, rank, f"{out}.killed-rank{rank}")
     faults.install()
     args = OTOTrainingArguments(
         output_dir=out, oto_method="hesso", target_group_sparsity=0.4, max_steps=MAX_STEPS,

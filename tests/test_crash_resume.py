@@ -2,9 +2,10 @@
 same weights and the same compressed folder, bit for bit, as a run never interrupted.
 
 Each scenario trains tests/crash_train.py (tiny BERT-QA, 120 steps, a checkpoint every 10 steps,
-save_total_limit=3) in a process forked from a server that has the libraries loaded (so a run
-costs its training, not its imports), kills it at a chosen event, checks what the kill left on
-disk, and restarts it to the end.
+save_total_limit=3), kills it at a chosen event, checks what the kill left on disk (every
+``checkpoint-N`` complete, the compressed folder absent or whole), and restarts it to the end.
+One process runs forked from a server that has the libraries loaded (a run costs its training,
+not its imports); two processes run under torchrun, one of them killed.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import crash_train
 import pytest
+from test_distributed import _free_port
 
 from hf_oto.atomic import LEFTOVER_PREFIX
 from hf_oto.checkpoints import checkpoint_folders, inspect_checkpoint
@@ -40,6 +44,9 @@ SAVE_KILLS = ["safetensors:13", "write:config.json:13", "write:README.md:1", "wr
               "rename:22", "fsync:131"]
 # A restarted run killed again.
 REPEATED_KILLS = [("rename:9", "torch.save:10"), ("step:61", "write:oto_state.json:3")]
+# Two processes, one killed (@rank): rank 1 mid-step, rank 1 while writing its RNG state into
+# checkpoint-70, rank 0 before publishing checkpoint-50, rank 0 while writing the compressed weights.
+DDP_KILLS = ["step:37@1", "torch.save:7@1", "rename:6@0", "safetensors:13@0"]
 
 
 def _spawn(ctx, out: str, kill: str | None, log: str) -> int:
@@ -51,6 +58,27 @@ def _spawn(ctx, out: str, kill: str | None, log: str) -> int:
         proc.join()
         raise TimeoutError(f"{out} with kill {kill} did not finish")
     return proc.exitcode
+
+
+def _torchrun(out: str, kill: str | None) -> subprocess.CompletedProcess:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__)), "OMP_NUM_THREADS": "1",
+           "HF_OTO_CRASH_OUT": out}
+    env.pop("HF_OTO_CRASH_AT", None)
+    if kill:
+        env["HF_OTO_CRASH_AT"] = kill
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), crash_train.__file__]
+    # A new session, so that a hung run can be killed with its workers.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out_text, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out_text[-3000:])
 
 
 def _tail(log: str) -> str:
@@ -87,6 +115,18 @@ def reference(forkserver, tmp_path_factory):
     return result
 
 
+def _after_kill(out: str, kill: str, reference: dict) -> str | None:
+    """What a kill left under final names: complete checkpoints, the whole compressed folder or none."""
+    for folder in checkpoint_folders(out):
+        status = inspect_checkpoint(folder)
+        if not status.complete:
+            return f"{kill}: {folder} is under its final name but incomplete: {status}"
+    compressed = os.path.join(out, "compressed")
+    if os.path.exists(compressed) and _same_folder(compressed, os.path.join(reference["out"], "compressed")):
+        return f"{kill}: a different compressed folder is under its final name"
+    return None
+
+
 def _scenario(ctx, root: str, kills: tuple[str, ...], reference: dict) -> str | None:
     """Run with each kill in turn, then to the end; a description of what went wrong, or None."""
     out = os.path.join(root, "out")
@@ -96,13 +136,9 @@ def _scenario(ctx, root: str, kills: tuple[str, ...], reference: dict) -> str | 
         code = _spawn(ctx, out, kill, log)
         if code != -signal.SIGKILL:
             return f"{kill}: the run ended with {code} instead of being killed\n{_tail(log)}"
-        for folder in checkpoint_folders(out):
-            status = inspect_checkpoint(folder)
-            if not status.complete:
-                return f"{kill}: {folder} is under its final name but incomplete: {status}"
-        compressed = os.path.join(out, "compressed")
-        if os.path.exists(compressed) and _same_folder(compressed, os.path.join(reference["out"], "compressed")):
-            return f"{kill}: a different compressed folder is under its final name"
+        problem = _after_kill(out, kill, reference)
+        if problem:
+            return problem
     log = os.path.join(root, "log-end")
     code = _spawn(ctx, out, None, log)
     if code != 0:
@@ -136,3 +172,34 @@ def test_every_kill_resumes_bit_exact(forkserver, reference, tmp_path):
     failures = [o for o in outcomes if o is not None]
     assert not failures, f"{len(failures)} of {len(scenarios)} scenarios failed:\n" + "\n".join(failures)
     assert len(scenarios) >= 30
+
+
+def test_ddp_kill_of_one_rank_resumes_both_bit_exact(tmp_path):
+    reference = {"out": str(tmp_path / "reference")}
+    run = _torchrun(reference["out"], None)
+    assert run.returncode == 0, run.stdout
+    results = []
+    for rank in (0, 1):
+        with open(os.path.join(reference["out"], f"result-rank{rank}.json")) as f:
+            results.append(json.load(f))
+    assert results[0]["weights"] == results[1]["weights"]  # the replicas agree
+    reference.update(results[0])
+    assert reference["counts"]["safetensors"] == 13 and reference["counts"]["rename"] >= 6
+    assert results[1]["counts"]["torch.save"] >= 7  # rank 1 writes its RNG state into each checkpoint
+
+    for kill in DDP_KILLS:
+        out = str(tmp_path / kill.replace(":", "-").replace("@", "-rank"))
+        run = _torchrun(out, kill)
+        rank = kill.rpartition("@")[2]
+        assert run.returncode != 0 and os.path.exists(f"{out}.killed-rank{rank}"), (kill, run.stdout)
+        problem = _after_kill(out, kill, reference)
+        assert problem is None, problem
+        run = _torchrun(out, None)
+        assert run.returncode == 0, (kill, run.stdout)
+        for rank in (0, 1):
+            with open(os.path.join(out, f"result-rank{rank}.json")) as f:
+                result = json.load(f)
+            assert result["resumed"], kill
+            assert (result["weights"], result["compressed"]) == (reference["weights"], reference["compressed"]), kill
+        assert not _same_folder(os.path.join(out, "compressed"), os.path.join(reference["out"], "compressed")), kill
+        assert not [e for e in os.listdir(out) if e.startswith(LEFTOVER_PREFIX)], kill
