@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                                 SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
@@ -35,7 +35,8 @@ class CheckpointStatus:
 
     path: str
     missing: tuple[str, ...] = ()
-    #: A complete Trainer checkpoint written without OTO (no ``oto_state.json``).
+    #: A complete Trainer checkpoint written without OTO (no ``oto_state.json``, and training
+    #: arguments that are not :class:`~hf_oto.OTOTrainingArguments`).
     foreign: bool = False
 
     @property
@@ -61,7 +62,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> CheckpointStatus:
     state_file = os.path.join(folder, OTO_CHECKPOINT_FILE)
     if not os.path.isfile(state_file):
         missing = _missing_trainer_files(folder)
-        if not missing:
+        if not missing and not _has_oto_arguments(folder):
             return CheckpointStatus(folder, foreign=True)
         return CheckpointStatus(folder, (*missing, OTO_CHECKPOINT_FILE))
     try:
@@ -90,6 +91,17 @@ def _missing_trainer_files(folder: str) -> list[str]:
     if not glob.glob(os.path.join(glob.escape(folder), "rng_state*.pth")):
         missing.append("rng_state.pth")
     return missing
+
+
+def _has_oto_arguments(folder: str) -> bool:
+    """Whether Trainer pickled OTOTrainingArguments into the folder: an OTOTrainer checkpoint that
+    lost its state (older hf_oto versions wrote ``oto_state.json`` after the rest). The pickle is
+    searched, not loaded: loading it would run whatever code it names."""
+    try:
+        with open(os.path.join(folder, TRAINING_ARGS_NAME), "rb") as f:
+            return b"OTOTrainingArguments" in f.read()
+    except OSError:
+        return False
 
 
 def write_oto_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:

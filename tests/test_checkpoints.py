@@ -86,9 +86,14 @@ def test_explicit_incomplete_checkpoint_is_refused_naming_what_is_missing(full_r
         with pytest.raises(ValueError, match=f"{folder} is incomplete.*{message}"):
             trainer.train(resume_from_checkpoint=str(out / folder))
         assert trainer.state.global_step == 0
+    # An OTOTrainer checkpoint without its state (as older versions could leave) is incomplete, not foreign.
+    os.remove(out / "checkpoint-10" / OTO_CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="checkpoint-10 is incomplete.*missing oto_state.json"):
+        OTOTrainer(model=qa_model(), args=_args(tmp_path / "new"), train_dataset=qa_data()).train(
+            resume_from_checkpoint=str(out / "checkpoint-10"))
     for folder in ("checkpoint-10", "checkpoint-8", "checkpoint-4"):
         os.remove(out / folder / "trainer_state.json")
-    with pytest.raises(ValueError, match="no complete checkpoint.*checkpoint-10 lacks trainer_state.json"):
+    with pytest.raises(ValueError, match="no complete checkpoint.*checkpoint-10 lacks trainer_state.json, oto_state.json"):
         OTOTrainer(model=qa_model(), args=_args(out), train_dataset=qa_data()).train(resume_from_checkpoint=True)
 
 
