@@ -20,8 +20,9 @@ SIGKILL at the n-th such event:
 - ``rmtree``: after deleting one file of a folder being deleted (rotation, leftovers);
 - ``fsync``: before an ``os.fsync``.
 
-Every complete run writes ``result-rank<r>.json``: a hash of the trained weights and how many
-events of each kind happened (the tests spread their kill points with it). A process about to
+Every complete run writes ``result-rank<r>.json``: hashes of the trained and the compressed
+weights, and how many events of each kind happened, in all and by the end of the training loop
+(the tests place their kill points with it). A process about to
 kill itself first creates ``<out>.killed-rank<r>``.
 """
 
@@ -56,6 +57,7 @@ class _Faults:
 
     def __init__(self, spec: str | None, rank: int, marker: str) -> None:
         self.counts: Counter[str] = Counter()
+        self.at_train_end: dict[str, int] = {}  # the counts when the training loop ended
         self.marker = marker
         self.event, self.n = None, 0
         if spec:
@@ -156,7 +158,9 @@ class _StepFaults(TrainerCallback):
             self.faults.die()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.faults.hit("train_end"):
+        hit = self.faults.hit("train_end")
+        self.faults.at_train_end = dict(self.faults.counts)
+        if hit:
             self.faults.die()
 
 
@@ -186,7 +190,7 @@ def run(out: str, kill: str | None = None) -> None:
     trainer.save_compressed()
     result = {"weights": weights_digest(trainer.accelerator.unwrap_model(trainer.model)),
               "compressed": weights_digest(trainer.compressed_model), "resumed": resume,
-              "counts": dict(faults.counts)}
+              "counts": dict(faults.counts), "counts_at_train_end": faults.at_train_end}
     with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
