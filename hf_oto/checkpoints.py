@@ -53,8 +53,9 @@ def inspect_checkpoint(folder: str | os.PathLike) -> CheckpointStatus:
 
     Example:
         >>> os.makedirs("out/checkpoint-10")
-        >>> inspect_checkpoint("out/checkpoint-10").missing
-        ('the model weights (model.safetensors)', 'optimizer.pt', 'scheduler.pt', 'trainer_state.json', 'rng_state.pth', 'oto_state.json')
+        >>> status = inspect_checkpoint("out/checkpoint-10")
+        >>> status.complete, status.missing[-3:]
+        (False, ('trainer_state.json', 'rng_state.pth', 'oto_state.json'))
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):

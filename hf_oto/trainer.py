@@ -459,8 +459,8 @@ class OTOTrainer(Trainer):
             if self.state.best_model_checkpoint == staged:
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            write_oto_state(staged, {"fingerprint": self.oto_fingerprint(), "method_state": self.oto_method.state_dict(),
-                                     "world_size": self.args.world_size})
+            write_oto_state(staged, {"fingerprint": self.oto_fingerprint(),
+                                     "method_state": self.oto_method.state_dict(), "world_size": self.args.world_size})
             publish_dir(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, protect=(final, self.state.best_model_checkpoint))
