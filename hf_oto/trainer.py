@@ -4,7 +4,8 @@ It is a plain :class:`transformers.Trainer` subclass: the training loop is Train
 happens in the documented hooks: ``train`` (find the groups and validate everything before the
 first step, then build the compressed model after the last), ``create_optimizer``,
 ``compute_loss`` (a method's regulariser), ``log`` (group sparsity, kept parameters and FLOPs),
-a callback (per-step schedules and checkpoint files) and ``push_to_hub``.
+a callback (per-step schedules), ``_save_checkpoint`` (checkpoints written aside and renamed
+into place with the OTO state, see :mod:`hf_oto.checkpoints`) and ``push_to_hub``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ import random
 import shlex
 import shutil
 import sys
-import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import clean_leftovers, publish_dir, staging_path
+from .checkpoints import (OTO_CHECKPOINT_FILE, find_resumable_checkpoint, inspect_checkpoint, rotate_checkpoints,
+                          write_oto_state)
 from .compress import save_pretrained as save_compressed_model
 from .graph import find_groups
 from .groups import ZeroInvariantGroups
@@ -34,7 +39,6 @@ from .measure import CompressionEstimator, count_flops, measure_latency, num_par
 from .methods import CompressionMethod, TrainingSettings, get_method
 from .training_args import OTOTrainingArguments
 
-OTO_CHECKPOINT_FILE = "oto_state.json"
 # Metric values of an exact compression may differ by float summation order only.
 _METRIC_RTOL = 1e-4
 
@@ -87,16 +91,21 @@ class OTOTrainer(Trainer):
         self._oto_estimator: CompressionEstimator | None = None
         self._oto_ready = False
         self._oto_saved_dir: str | None = None
+        self._oto_staging_dir: str | None = None  # while a checkpoint is written aside
+        self._oto_push_pending = False
         self._oto_command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
         self.add_callback(_OTOCallback(self))
 
     # -- set-up, all before the first training step ----------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
-        """Validate and set up OTO, run Trainer's training loop, then build the compressed model."""
+        """Validate and set up OTO, run Trainer's training loop, then build the compressed model.
+
+        ``resume_from_checkpoint=True`` takes the newest complete checkpoint of ``output_dir``,
+        skipping, with a warning, any that a crash left incomplete.
+        """
+        self._oto_clean_output_dir()
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+            resume_from_checkpoint = self._oto_last_checkpoint()
         if not self._oto_ready:
             self._oto_setup(resume_from_checkpoint or None)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
@@ -344,9 +353,8 @@ class OTOTrainer(Trainer):
             raise ValueError("there is no compressed model yet: call train() first")
         target = os.path.abspath(output_dir or os.path.join(self.args.output_dir, self.args.oto_compressed_dir))
         if self.is_world_process_zero():
-            parent = os.path.dirname(target)
-            os.makedirs(parent, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=".hf_oto-", dir=parent)
+            clean_leftovers(os.path.dirname(target), os.path.basename(target))
+            staging = staging_path(target)
             try:
                 save_compressed_model(self.compressed_model, staging)
                 if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
@@ -354,9 +362,7 @@ class OTOTrainer(Trainer):
                 self.oto_report.save(os.path.join(staging, "oto_report.json"))
                 repo = self.args.hub_model_id or os.path.basename(target)
                 build_model_card(self.oto_report, repo).save(os.path.join(staging, "README.md"))
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                os.replace(staging, target)
+                publish_dir(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -391,12 +397,34 @@ class OTOTrainer(Trainer):
             "params": hashlib.sha256(names.encode()).hexdigest()[:16],
         }
 
+    def _oto_clean_output_dir(self) -> None:
+        """Remove what a crash left half-written in ``output_dir`` (before any process looks for
+        checkpoints in it)."""
+        if self.args.should_save:
+            clean_leftovers(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _oto_last_checkpoint(self) -> str:
+        found, skipped = find_resumable_checkpoint(self.args.output_dir)
+        incomplete = "; ".join(f"{os.path.basename(s.path)} lacks {', '.join(s.missing)}" for s in skipped)
+        if found is None:
+            raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from"
+                             + (f" (incomplete: {incomplete})" if incomplete else ""))
+        if skipped and self.is_world_process_zero():
+            warnings.warn(f"skipping incomplete checkpoint(s) in {self.args.output_dir} ({incomplete}); "
+                          f"resuming from {os.path.basename(found.path)}", stacklevel=3)
+        return found.path
+
     def _oto_check_checkpoint(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, OTO_CHECKPOINT_FILE)
-        if not os.path.isfile(path):
+        status = inspect_checkpoint(checkpoint)
+        if status.foreign:
             raise ValueError(f"{checkpoint} was not written by OTOTrainer (no {OTO_CHECKPOINT_FILE}); "
                              "it cannot be resumed with OTO state")
-        with open(path) as f:
+        if status.missing:
+            raise ValueError(f"{checkpoint} is incomplete (a run stopped while writing it?): missing "
+                             f"{', '.join(status.missing)}. Resume from an earlier checkpoint, or pass "
+                             "resume_from_checkpoint=True to take the newest complete one.")
+        with open(os.path.join(checkpoint, OTO_CHECKPOINT_FILE)) as f:
             saved = json.load(f)
         current = json.loads(json.dumps(self.oto_fingerprint(), default=str))
         if saved.get("fingerprint") != current:
@@ -405,9 +433,56 @@ class OTOTrainer(Trainer):
             raise ValueError(f"checkpoint {checkpoint} comes from another OTO configuration: (saved, now) = {diff}")
         self.oto_method.load_state_dict(saved.get("method_state", {}))
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written aside, completed with ``oto_state.json`` and renamed into
+        place: a ``checkpoint-N`` folder is complete or absent, whenever the run is killed.
+
+        Trainer writes straight into ``checkpoint-N`` and rotates inside the same call; pointing
+        its output folder (``_get_output_dir``) at a staging folder for the duration keeps both its
+        writes and its rotation away from the real checkpoints, so its own code does the saving.
+        """
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging_root = staging_path(final, unique=False)  # every process writes its RNG state here
+        staged = os.path.join(staging_root, name)
+        if self.args.should_save and os.path.lexists(staging_root):
+            shutil.rmtree(staging_root)
+        self.accelerator.wait_for_everyone()
+        self._oto_staging_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._oto_staging_dir = None
+        self.accelerator.wait_for_everyone()  # every process's files are in
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            write_oto_state(staged, {"fingerprint": self.oto_fingerprint(),
+                                     "method_state": self.oto_method.state_dict(), "world_size": self.args.world_size})
+            publish_dir(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, protect=(final, self.state.best_model_checkpoint))
+        self.accelerator.wait_for_everyone()
+        if self._oto_push_pending:
+            self._oto_push_pending = False
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._oto_staging_dir or super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes from inside _save_checkpoint, before the OTO state is in: push the
+        # complete folder once it is in place.
+        if self._oto_staging_dir is not None:
+            self._oto_push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
 
 class _OTOCallback(TrainerCallback):
-    """Per-step method schedules and the OTO state file inside every checkpoint."""
+    """Per-step method schedules."""
 
     def __init__(self, trainer: OTOTrainer) -> None:
         self.trainer = trainer
@@ -416,16 +491,6 @@ class _OTOCallback(TrainerCallback):
         trainer = self.trainer
         if trainer._oto_ready:
             trainer.oto_method.on_step_end(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if not (trainer._oto_ready and trainer.is_world_process_zero()):
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            with open(os.path.join(folder, OTO_CHECKPOINT_FILE), "w") as f:
-                json.dump({"fingerprint": trainer.oto_fingerprint(), "method_state": trainer.oto_method.state_dict()},
-                          f, indent=2, default=str)
 
 
 def _loss_of(output: Any) -> torch.Tensor:

@@ -12,6 +12,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 import hf_oto
 from hf_oto import OTOTrainer, OTOTrainingArguments
+from hf_oto.atomic import LEFTOVER_PREFIX
 from hf_oto.compress.core import _run, max_relative_difference
 
 
@@ -188,7 +189,7 @@ def test_failed_save_keeps_previous_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         trainer.save_compressed()
     assert sorted(os.listdir(folder)) == before
-    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".hf_oto-")]
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(LEFTOVER_PREFIX)]
 
 
 class _FakeHub:
@@ -297,11 +298,19 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another OTO configuration.*target_group_sparsity"):
         other.train(resume_from_checkpoint=checkpoint)
     assert other.state.global_step == 0 and _untouched(tmp_path / "b" / "out")
-    plain = tmp_path / "plain-checkpoint"
-    plain.mkdir()
+    from transformers import Trainer, TrainingArguments
+
+    Trainer(model=qa_model(), train_dataset=data,
+            args=TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=2, save_steps=2, report_to=[],
+                                   use_cpu=True)).train()
     with pytest.raises(ValueError, match="not written by OTOTrainer"):
         OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "c"), train_dataset=data).train(
-            resume_from_checkpoint=str(plain))
+            resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    empty = tmp_path / "empty-checkpoint"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is incomplete.*missing the model weights.*optimizer.pt"):
+        OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "c"), train_dataset=data).train(
+            resume_from_checkpoint=str(empty))
 
 
 @pytest.mark.parametrize("options", [{"structure": "prune", "prune_ratio": 0.3},
