@@ -151,8 +151,14 @@ def _scenario(ctx, root: str, kills: tuple[str, ...], reference: dict) -> str | 
     os.makedirs(root)
     for i, kill in enumerate(kills):
         log = os.path.join(root, f"log-{i}")
+        marker = f"{out}.killed-rank0"
+        if os.path.exists(marker):
+            os.remove(marker)
         code = _spawn(ctx, out, kill, log)
-        if code != -signal.SIGKILL:
+        # The forkserver relays the child's exit status through a pipe and reports 255 when that
+        # pipe closes without it (seen once on a loaded 2-core CI machine at the train_end kill);
+        # the marker, written just before the process SIGKILLs itself, says the kill happened.
+        if code != -signal.SIGKILL and not (code == 255 and os.path.exists(marker)):
             return f"{kill}: the run ended with {code} instead of being killed\n{_tail(log)}"
         problem = _after_kill(out, kill, reference)
         if problem:
