@@ -46,13 +46,63 @@ class ZeroInvariantGroup:
 
 @dataclass
 class GroupSlice:
-    """Positions along ``dim`` of tensor ``tensor`` and the group each one belongs to."""
+    """Positions along ``dim`` of tensor ``tensor`` and the group each one belongs to.
+
+    A per-expert slice (``outer_dim`` set) addresses a grid instead: position i is index
+    ``outer[i]`` along ``outer_dim`` and ``index[i]`` along ``dim``, so that one expert's neuron in
+    a 3-D tensor holding every expert (``gate_up_proj[e, j, :]``) is a group of its own. A
+    ``kept`` slice belongs to its groups (norms, zeroing) but stays, zero, in the compressed model:
+    a router's rows, whose removal would change which experts its top-k picks.
+    """
 
     tensor: str
     is_param: bool
     dim: int
     index: torch.Tensor
     group: torch.Tensor
+    outer_dim: int | None = None
+    outer: torch.Tensor | None = None
+    kept: bool = False
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The dims the positions address: ``(dim,)`` or ``(outer_dim, dim)``."""
+        return (self.dim,) if self.outer_dim is None else (self.outer_dim, self.dim)
+
+    def grid_size(self, shape: Sequence[int]) -> int:
+        """Number of positions along :attr:`dims` of a tensor of ``shape``."""
+        return math.prod(shape[d] for d in self.dims)
+
+    def flat_index(self, shape: Sequence[int]) -> torch.Tensor:
+        """Positions as indices into the flattened :attr:`dims` (row-major, in that order)."""
+        return self.index if self.outer is None else self.outer * shape[self.dim] + self.index
+
+
+def grid_view(t: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
+    """``t`` with ``dims`` moved to the front (a view), so ``[outer, index]`` addresses positions."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return t.movedim(dims, tuple(range(len(dims))))
+
+
+def per_position(reduced: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
+    """Flatten a tensor reduced over every dim but ``dims`` (kept in ascending order) into one
+    value per position, ``dims`` row-major in the given order."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if len(dims) > 1:
+        order = sorted(dims)
+        reduced = reduced.permute([order.index(d) for d in dims])
+    return reduced.reshape(-1)
+
+
+def reduce_except(t: torch.Tensor, dims: int | tuple[int, ...], norm: bool = False) -> torch.Tensor:
+    """Per position along ``dims``: the sum of ``t`` (or its L2 norm) over the other dims."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    other = [d for d in range(t.dim()) if d not in dims]
+    if norm:
+        red = torch.linalg.vector_norm(t, 2, dim=other) if other else t.abs()
+    else:
+        red = t.sum(other) if other else t
+    return per_position(red, dims)
 
 
 @dataclass
@@ -83,6 +133,67 @@ class NormPadding:
     module: str
     dim: int
     group: torch.Tensor
+
+
+@dataclass
+class ExpertRouting:
+    """An experts module whose experts can be removed whole, and where it receives its routing.
+
+    When experts go, the compressed module keeps the router as it is (its rows of removed experts
+    stay, zero), maps each routed expert id to the kept expert's new position, and gives the slots
+    of removed experts a routing weight of zero: every token is routed as in the sparse model,
+    whose removed experts output exactly zero.
+    """
+
+    module: str
+    group: torch.Tensor  # group of each expert, by position along the expert dim (-1: none)
+    index_arg: int | str  # the module's argument holding the routed expert ids (position or name)
+    weight_arg: int | str | None  # its argument holding the routing weights (same shape)
+
+
+def segment_layout(index: torch.Tensor, group: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The groups along one dim and, per group, its position in each of ``k`` equal segments.
+
+    Returns ``(groups, positions)`` with ``positions`` of shape ``[len(groups), k]``, or None when
+    the groups do not all hold one position at the same offset of every segment (``gate_up_proj``
+    holds neuron j at j and at ffn + j: two segments, which the model's ``chunk(2)`` keeps apart).
+    """
+    order = torch.argsort(group * size + index)
+    group, index = group[order], index[order]
+    groups, counts = torch.unique_consecutive(group, return_counts=True)
+    k = int(counts[0]) if counts.numel() else 1
+    if (counts != k).any() or size % k:
+        return None
+    positions = index.view(-1, k)
+    if not torch.equal(positions - positions[:, :1], torch.arange(k).mul(size // k).expand_as(positions)):
+        return None
+    return groups, positions
+
+
+def ragged_width(per_outer: Sequence[torch.Tensor], size: int) -> int:
+    """Width of a per-expert dim of ``size``: per segment the widest expert's kept count, rounded
+    up to a multiple of 8 (the grouped-matmul kernels want 16-byte aligned strides) but no wider
+    than the segment was."""
+    k = per_outer[0].shape[1] if per_outer else 1
+    widest = max((p.shape[0] for p in per_outer), default=0)
+    return k * min(size // k, -(-widest // 8) * 8)
+
+
+def _outer_of(s: GroupSlice, groups: torch.Tensor) -> torch.Tensor:
+    """The outer index (expert) of each group of a per-expert slice."""
+    table = torch.full((int(s.group.max()) + 1,), -1, dtype=torch.long)
+    table[s.group] = s.outer
+    return table[groups]
+
+
+def _slice_state(s: GroupSlice) -> dict[str, Any]:
+    state = {"tensor": s.tensor, "is_param": s.is_param, "dim": s.dim, "index": s.index.tolist(),
+             "group": s.group.tolist()}
+    if s.outer is not None:
+        state.update(outer_dim=s.outer_dim, outer=s.outer.tolist())
+    if s.kept:
+        state["kept"] = True
+    return state
 
 
 class ZeroInvariantGroups:
@@ -118,6 +229,8 @@ class ZeroInvariantGroups:
         unprunable_tensors: dict[str, str] | None = None,
         unsupported_ops: list[str] | None = None,
         norm_paddings: list[NormPadding] | None = None,
+        expert_routings: list["ExpertRouting"] | None = None,
+        notes: list[str] | None = None,
         model_class: str = "",
         example_inputs: Any = None,
         analysis_seconds: float = 0.0,
@@ -131,6 +244,9 @@ class ZeroInvariantGroups:
         self.unprunable_tensors = unprunable_tensors or {}
         self.unsupported_ops = unsupported_ops or []
         self.norm_paddings = norm_paddings or []
+        self.expert_routings = expert_routings or []
+        #: What the analysis wants the reader to know (a dry run that could not run, ...).
+        self.notes = notes or []
         self.model_class = model_class
         self.example_inputs = example_inputs
         self.analysis_seconds = analysis_seconds
@@ -147,8 +263,8 @@ class ZeroInvariantGroups:
         self._param_slices = [(pos[s.tensor], s) for s in self.slices if s.is_param]
         #: Slices whose positions cover their whole dimension: removing all their groups would
         #: leave that dimension empty.
-        self.covering_slices = [s for s in self.slices
-                                if s.index.unique().numel() == self.tensor_shapes[s.tensor][s.dim]]
+        self.covering_slices = [s for s in self.slices if not s.kept and s.flat_index(
+            self.tensor_shapes[s.tensor]).unique().numel() == s.grid_size(self.tensor_shapes[s.tensor])]
         self._device_cache: dict[torch.device, list[tuple[int, GroupSlice]]] = {}
 
     # -- container protocol ------------------------------------------------------------------
@@ -204,7 +320,8 @@ class ZeroInvariantGroups:
     def _slices_on(self, device: torch.device) -> list[tuple[int, GroupSlice]]:
         cached = self._device_cache.get(device)
         if cached is None:
-            cached = [(i, GroupSlice(s.tensor, s.is_param, s.dim, s.index.to(device), s.group.to(device)))
+            cached = [(i, GroupSlice(s.tensor, s.is_param, s.dim, s.flat_index(self.tensor_shapes[s.tensor]).to(device),
+                                     s.group.to(device), s.outer_dim, None, s.kept))
                       for i, s in self._param_slices]
             self._device_cache[device] = cached
         return cached
@@ -214,10 +331,8 @@ class ZeroInvariantGroups:
         """Squared L2 norm of every group, gathered across all the tensors it spans."""
         device = tensors[0].device if tensors else torch.device("cpu")
         out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
-        for i, s in self._slices_on(device):
-            t = tensors[i]
-            other = [d for d in range(t.dim()) if d != s.dim]
-            red = torch.linalg.vector_norm(t.float(), 2, dim=other) if other else t.float().abs()
+        for i, s in self._slices_on(device):  # these slices hold flat positions over s.dims
+            red = reduce_except(tensors[i].float(), s.dims, norm=True)
             out.index_add_(0, s.group, red.square()[s.index])
         return out
 
@@ -229,20 +344,25 @@ class ZeroInvariantGroups:
         device = a[0].device if a else torch.device("cpu")
         out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
         for i, s in self._slices_on(device):
-            prod = a[i].float() * b[i].float()
-            other = [d for d in range(prod.dim()) if d != s.dim]
-            red = prod.sum(dim=other) if other else prod
+            red = reduce_except(a[i].float() * b[i].float(), s.dims)
             out.index_add_(0, s.group, red[s.index])
         return out
 
     def multipliers(self, factors: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
-        """Per parameter, the (dim, vector) multipliers that scale each group by ``factors[g]``."""
+        """Per parameter, (dim, multiplier) pairs that scale each group by ``factors[g]``: a vector
+        along ``dim``, or for per-expert slices a tensor already shaped to broadcast."""
         device = factors.device
         per_param: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.param_names]
         for i, s in self._slices_on(device):
-            n = self.tensor_shapes[s.tensor][s.dim]
-            vec = torch.ones(n, dtype=factors.dtype, device=device)
+            shape = self.tensor_shapes[s.tensor]
+            vec = torch.ones(s.grid_size(shape), dtype=factors.dtype, device=device)
             vec[s.index] = factors[s.group]
+            if s.outer_dim is not None:
+                grid = vec.view([shape[d] for d in s.dims])
+                view = [1] * len(shape)
+                for d in s.dims:
+                    view[d] = shape[d]
+                vec = grid.permute([s.dims.index(d) for d in sorted(s.dims)]).reshape(view)
             per_param[i].append((s.dim, vec))
         return per_param
 
@@ -251,9 +371,11 @@ class ZeroInvariantGroups:
         """In place: multiply every entry of group g by ``factors[g]`` (overlaps get the product)."""
         for t, mults in zip(tensors, self.multipliers(factors.to(tensors[0].device))):
             for dim, vec in mults:
-                shape = [1] * t.dim()
-                shape[dim] = -1
-                t.mul_(vec.to(t.dtype).view(shape))
+                if vec.dim() == 1:
+                    shape = [1] * t.dim()
+                    shape[dim] = -1
+                    vec = vec.view(shape)
+                t.mul_(vec.to(t.dtype))
 
     @torch.no_grad()
     def zero_(self, tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
@@ -296,12 +418,17 @@ class ZeroInvariantGroups:
     def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
         """For every tensor that shrinks: dim -> sorted positions to keep.
 
-        The tensors of padded norm modules keep their full width (see :class:`NormPadding`).
+        The tensors of padded norm modules keep their full width (see :class:`NormPadding`), and
+        ``kept`` slices (router rows) stay. A dim holding per-expert slices keeps a different set
+        of positions per expert (:meth:`ragged_plan`), zero-padded to the widest expert: here it
+        maps to ``arange(width)`` (see :func:`ragged_width`), which gives the right sizes and counts.
         """
         remove = remove.bool().cpu()
         padded = {m + "." for m in self.padded_norms(remove)}
         plan: dict[str, dict[int, torch.Tensor]] = {}
         for s in self.slices:
+            if s.kept or s.outer is not None:
+                continue
             if padded and any(s.tensor.startswith(m) and "." not in s.tensor[len(m):] for m in padded):
                 continue
             drop = s.index[remove[s.group]]
@@ -316,7 +443,37 @@ class ZeroInvariantGroups:
                 prev[dims[s.dim]] = True
                 keep &= prev
             dims[s.dim] = keep.nonzero().flatten()
+        for name, (outer_dim, dim, per_outer) in self.ragged_plan(remove, plan).items():
+            plan.setdefault(name, {})[dim] = torch.arange(ragged_width(per_outer, self.tensor_shapes[name][dim]))
         return plan
+
+    def ragged_plan(self, remove: torch.Tensor, plan: dict[str, dict[int, torch.Tensor]] | None = None,
+                    ) -> dict[str, tuple[int, int, list[torch.Tensor]]]:
+        """Per-expert slices that lose positions: tensor -> (expert dim, dim, per kept expert an
+        ``[n, k]`` matrix of positions along ``dim``: one row per kept neuron (in group order), one
+        column per segment). A dim the model splits in ``k`` equal chunks (``gate_up.chunk(2)``)
+        has ``k`` segments; each is cut and zero-padded on its own (see :func:`ragged_width`).
+        Experts removed whole (``plan``) are left out."""
+        remove = remove.bool().cpu()
+        out: dict[str, tuple[int, int, list[torch.Tensor]]] = {}
+        for s in self.slices:
+            if s.outer is None or not remove[s.group].any():
+                continue
+            shape = self.tensor_shapes[s.tensor]
+            layout = segment_layout(s.index, s.group, shape[s.dim])
+            if layout is None:
+                raise ValueError(f"per-expert slice of {s.tensor} (dim {s.dim}) has no segment layout")
+            groups, positions = layout
+            outer = _outer_of(s, groups)
+            keep = ~remove[groups]
+            out[s.tensor] = (s.outer_dim, s.dim, [positions[keep & (outer == e)] for e in range(shape[s.outer_dim])])
+        if plan is None:
+            plan = self.removal_plan(remove) if out else {}
+        for name, (outer_dim, dim, per_outer) in out.items():
+            experts = plan.get(name, {}).get(outer_dim)
+            if experts is not None:
+                out[name] = (outer_dim, dim, [per_outer[int(e)] for e in experts])
+        return out
 
     def removed_param_count(self, remove: torch.Tensor) -> int:
         """Parameter entries that disappear when the groups in ``remove`` are cut."""
@@ -403,8 +560,7 @@ class ZeroInvariantGroups:
             "model_class": self.model_class,
             "config": self.config.to_dict(),
             "groups": [asdict(g) for g in self.groups],
-            "slices": [{"tensor": s.tensor, "is_param": s.is_param, "dim": s.dim,
-                        "index": s.index.tolist(), "group": s.group.tolist()} for s in self.slices],
+            "slices": [_slice_state(s) for s in self.slices],
             "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
             "tensor_aliases": self.tensor_aliases,
             "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
@@ -414,6 +570,9 @@ class ZeroInvariantGroups:
             "unsupported_ops": self.unsupported_ops,
             "norm_paddings": [{"module": p.module, "dim": p.dim, "group": p.group.tolist()}
                               for p in self.norm_paddings],
+            "expert_routings": [{"module": r.module, "group": r.group.tolist(), "index_arg": r.index_arg,
+                                 "weight_arg": r.weight_arg} for r in self.expert_routings],
+            "notes": self.notes,
         }
 
     @classmethod
@@ -423,7 +582,8 @@ class ZeroInvariantGroups:
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return cls(
             groups=[ZeroInvariantGroup(**g) for g in state["groups"]],
-            slices=[GroupSlice(s["tensor"], s["is_param"], s["dim"], long(s["index"]), long(s["group"]))
+            slices=[GroupSlice(s["tensor"], s["is_param"], s["dim"], long(s["index"]), long(s["group"]),
+                               s.get("outer_dim"), long(s["outer"]) if "outer" in s else None, s.get("kept", False))
                     for s in state["slices"]],
             tensor_shapes={k: tuple(v) for k, v in state["tensor_shapes"].items()},
             tensor_aliases=state["tensor_aliases"],
@@ -434,6 +594,9 @@ class ZeroInvariantGroups:
             unsupported_ops=state["unsupported_ops"],
             norm_paddings=[NormPadding(p["module"], p["dim"], long(p["group"]))
                            for p in state.get("norm_paddings", [])],
+            expert_routings=[ExpertRouting(r["module"], long(r["group"]), r["index_arg"], r["weight_arg"])
+                             for r in state.get("expert_routings", [])],
+            notes=state.get("notes", []),
             model_class=state["model_class"],
         )
 
