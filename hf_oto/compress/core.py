@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..graph.inputs import call_with
-from ..groups import ZeroInvariantGroups
+from ..groups import ZeroInvariantGroups, ragged_width
 from .manifest import update_manifest
-from .modeling_hf_oto import pad_norm
+from .modeling_hf_oto import pad_norm, route_experts
 
 
 class CompressionError(ValueError):
@@ -84,12 +84,14 @@ def compress(
 
     remove = groups.feasible_removal(remove)
     plan = groups.removal_plan(remove)
+    ragged = groups.ragged_plan(remove, plan)
+    routes = _expert_routes(groups, remove)
     paddings = groups.padded_norms(remove)
     attribute_updates = _binding_updates(groups, remove)
     reference = _run(model, groups.example_inputs) if check and groups.example_inputs is not None else None
 
     target = model if inplace else copy.deepcopy(model)
-    shapes = _slice_tensors(target, plan, groups)
+    shapes = _slice_tensors(target, plan, groups, ragged)
     attribute_updates = _merge(attribute_updates, _standard_attributes(target, plan, groups))
     for path, attrs in attribute_updates.items():
         module = target.get_submodule(path)
@@ -99,7 +101,10 @@ def compress(
     for path, (dim, size, kept) in paddings.items():
         pad_norm(target.get_submodule(path), dim, size, kept)
         padding_specs[path] = {"dim": dim, "size": size, "kept": kept.tolist()}
-    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs)
+    for path, spec in routes.items():
+        route_experts(target.get_submodule(path), **spec)
+    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs,
+                    experts=routes)
 
     if reference is not None:
         _verify(reference, _run(target, groups.example_inputs), rtol)
@@ -161,18 +166,48 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
     return updates
 
 
+def _expert_routes(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Experts modules losing whole experts: the routing remap each needs (see ``route_experts``)."""
+    routes = {}
+    for r in groups.expert_routings:
+        gone = (r.group >= 0) & remove[r.group.clamp(min=0)]
+        if gone.any():
+            routes[r.module] = {"kept": (~gone).nonzero().flatten().tolist(), "size": r.group.numel(),
+                                "index_arg": r.index_arg, "weight_arg": r.weight_arg}
+    return routes
+
+
+def _ragged(data: torch.Tensor, outer_dim: int, dim: int, per_outer: list[torch.Tensor]) -> torch.Tensor:
+    """Per expert and per segment of ``dim``: the kept positions first, then zeros up to the
+    common width, so that every expert keeps one width (see ``ragged_width``)."""
+    k = per_outer[0].shape[1] if per_outer else 1
+    width = ragged_width(per_outer, data.shape[dim]) // k
+    moved = data.movedim((outer_dim, dim), (0, 1))
+    out = moved.new_zeros((moved.shape[0], k, width) + tuple(moved.shape[2:]))
+    for e, positions in enumerate(per_outer):
+        n = positions.shape[0]
+        out[e, :, :n] = moved[e][positions.t().to(data.device)]
+    out = out.flatten(1, 2)
+    return out.movedim((0, 1), (outer_dim, dim))
+
+
 def _slice_tensors(model: nn.Module, plan: dict[str, dict[int, torch.Tensor]],
-                   groups: ZeroInvariantGroups) -> dict[str, list[int]]:
+                   groups: ZeroInvariantGroups, ragged=None) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
+    ragged = ragged or {}
     for name, dims in plan.items():
         module_path, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_path)
         old = getattr(module, leaf)
         with torch.no_grad():
             data = old.detach()
+            per_expert = ragged.get(name)
             for dim, keep in sorted(dims.items()):
-                data = data.index_select(dim, keep.to(data.device))
-            data = data.clone()
+                if per_expert is None or dim != per_expert[1]:
+                    data = data.index_select(dim, keep.to(data.device))
+            if per_expert is not None:
+                data = _ragged(data, *per_expert)
+            data = data.clone(memory_format=torch.contiguous_format)
         if isinstance(old, nn.Parameter):
             new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
         else:

@@ -21,6 +21,7 @@ def get_manifest(model: nn.Module) -> dict[str, Any]:
         "shapes": dict(found.get("shapes", {})),
         "attributes": {k: dict(v) for k, v in found.get("attributes", {}).items()},
         "paddings": {k: dict(v) for k, v in found.get("paddings", {}).items()},
+        "experts": {k: dict(v) for k, v in found.get("experts", {}).items()},
     }
 
 
@@ -31,10 +32,12 @@ def update_manifest(
     attributes: dict[str, dict[str, Any]] | None = None,
     modules: dict[str, nn.Module] | None = None,
     paddings: dict[str, dict[str, Any]] | None = None,
+    experts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge changes into the model's manifest and store it where saving finds it.
 
-    ``paddings`` maps norm modules to ``{"dim", "size", "kept"}`` (see ``pad_norm``).
+    ``paddings`` maps norm modules to ``{"dim", "size", "kept"}`` (see ``pad_norm``), ``experts``
+    experts modules to ``{"kept", "size", "index_arg", "weight_arg"}`` (see ``route_experts``).
     ``modules`` maps module paths to layers already set in the model; their classes must be
     registered in ``hf_oto_layers.LAYER_TYPES`` so that loading can rebuild them. Shapes and
     attributes recorded earlier for a replaced module are dropped. Transformers models switch to
@@ -57,6 +60,7 @@ def update_manifest(
                                   if k != path and not k.startswith(prefix)}
     manifest["shapes"].update(shapes or {})
     manifest["paddings"].update(paddings or {})
+    manifest["experts"].update(experts or {})
     for path, attrs in (attributes or {}).items():
         manifest["attributes"].setdefault(path, {}).update(
             {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()})

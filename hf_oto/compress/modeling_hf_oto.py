@@ -6,8 +6,9 @@ loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the insta
 
 The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the layers replaced by
 new layer types (``modules``), the new shape of every resized tensor (``shapes``), the new
-value of every changed module attribute (``attributes``) and the norm layers that run at their
-original width on zero-padded inputs (``paddings``). A ``HfOto<Base>`` class builds
+value of every changed module attribute (``attributes``), the norm layers that run at their
+original width on zero-padded inputs (``paddings``) and the experts modules that lost whole experts,
+whose routing is remapped (``experts``). A ``HfOto<Base>`` class builds
 ``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
 checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
 """
@@ -64,6 +65,39 @@ def pad_norm(module: torch.nn.Module, dim: int, size: int, kept: Any) -> None:
         module._hf_oto_padded = True
 
 
+def _routing_table(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    cache = module.__dict__.setdefault("_hf_oto_route_cache", {})
+    if device not in cache:
+        cache[device] = torch.tensor(module._hf_oto_expert_map, dtype=torch.long, device=device)
+    return cache[device]
+
+
+def _remap_routing(module: torch.nn.Module, args: tuple) -> tuple:
+    # The router still picks among all its experts; a removed expert output exactly zero in the
+    # trained model, so its slot gets weight zero (and any kept expert's id, to stay in range).
+    args = list(args)
+    ids, weights = args[module._hf_oto_index_arg], args[module._hf_oto_weight_arg]
+    new = _routing_table(module, ids.device)[ids]
+    args[module._hf_oto_index_arg] = new.clamp(min=0)
+    args[module._hf_oto_weight_arg] = weights.masked_fill(new < 0, 0)
+    return tuple(args)
+
+
+def route_experts(module: torch.nn.Module, kept: Any, size: int, index_arg: int, weight_arg: int) -> None:
+    """Let an experts module that kept only the experts ``kept`` (of ``size``) take the routing of
+    the full router: expert ids are remapped to the kept experts' positions, removed ones weigh 0."""
+    table = [-1] * int(size)
+    for position, expert in enumerate(kept):
+        table[int(expert)] = position
+    module._hf_oto_expert_map = table
+    module.__dict__.pop("_hf_oto_route_cache", None)
+    module._hf_oto_index_arg = int(index_arg)
+    module._hf_oto_weight_arg = int(weight_arg)
+    if not getattr(module, "_hf_oto_routed", False):
+        module.register_forward_pre_hook(_remap_routing)
+        module._hf_oto_routed = True
+
+
 def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -> torch.nn.Module:
     """Resize tensors and set attributes of a freshly built ``model`` as the manifest says."""
     if manifest.get("version") != MANIFEST_VERSION:
@@ -99,6 +133,9 @@ def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -
             setattr(module, attr, value)
     for module_path, spec in manifest.get("paddings", {}).items():
         pad_norm(model.get_submodule(module_path), spec["dim"], spec["size"], spec["kept"])
+    for module_path, spec in manifest.get("experts", {}).items():
+        route_experts(model.get_submodule(module_path), spec["kept"], spec["size"], spec["index_arg"],
+                      spec["weight_arg"])
     return model
 
 

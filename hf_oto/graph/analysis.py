@@ -15,10 +15,12 @@ from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
 from .config import GroupConfig
 from .inputs import call_with, default_example_inputs
+from .moe_rules import EXPERT, EXPERT_LOCAL, RoutingTracker, finish_groups
+from .moe_rules import RULES as MOE_RULES
 from .shape_rules import RULES as SHAPE_RULES
 from .trace import ChannelTracer, SizeSite, TraceResult
 
-RULES = {**SHAPE_RULES, **COMPUTE_RULES}
+RULES = {**SHAPE_RULES, **COMPUTE_RULES, **MOE_RULES}
 
 # Attribute names that look like sizes win over other integer attributes of the same value.
 _SIZE_NAME = re.compile(r"head|size|dim|num|split|width|channel|feature|hidden|embed|inner|group", re.I)
@@ -59,7 +61,11 @@ def find_groups(
     model.eval()
     try:
         with torch.no_grad():
-            trace = ChannelTracer(model, RULES, unsupported).run(lambda: call_with(model, inputs))
+            tracer = ChannelTracer(model, RULES, unsupported)
+            tracer.routing = RoutingTracker(tracer)
+            trace = tracer.run(lambda: tracer.routing.run(lambda: call_with(model, inputs)))
+            tracer.routing.finish_trace()
+            trace.routing = tracer.routing
     finally:
         model.train(was_training)
     groups = build_groups(trace, config, type(model).__name__)
@@ -263,11 +269,13 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             unprunable_tensors.setdefault(f"{o.tensor} (dim {o.dim})", reason)
 
     sizes = _group_sizes(counts_per_param, trace, candidates.size)
-    mixed, heads, convs, embeds = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED))
+    mixed, heads, convs, embeds, experts = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED, EXPERT))
     excluded = [re.compile(p) for p in config.exclude]
     groups: list[ZeroInvariantGroup] = []
     for g, comp in enumerate(candidates.tolist()):
-        if comp in embeds or comp in mixed:
+        if comp in experts:
+            kind = "expert"  # its router rows stay, so the softmax over them changes nothing
+        elif comp in embeds or comp in mixed:
             kind = "hidden"
         elif comp in heads:
             kind = "head"
@@ -282,7 +290,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if not reason and any(p.search(layer) for p in excluded):
             reason = "excluded by GroupConfig.exclude"
         groups.append(ZeroInvariantGroup(g, kind, layer, not reason, reason, int(sizes[g]),
-                                         exact=comp not in inexact_comps))
+                                         exact=comp in experts or comp not in inexact_comps))
 
     bindings = []
     for path, attr, divisor, site in bound:
@@ -297,11 +305,17 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             norm_paddings.append(NormPadding(module, dim, torch.from_numpy(gids)))
 
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
-    return ZeroInvariantGroups(
+    result = ZeroInvariantGroups(
         groups, slices, shapes, {k: v for k, v in trace.tensor_names.items()},
         config=config, bindings=bindings, unprunable_tensors=unprunable_tensors, norm_paddings=norm_paddings,
         unsupported_ops=list(trace.unsupported), model_class=model_class,
     )
+    routing = getattr(trace, "routing", None)
+    if routing is not None:
+        local = flags.get(EXPERT_LOCAL, {})
+        result = finish_groups(result, trace, routing, roots, gid_of,
+                               {g for g, comp in enumerate(candidates.tolist()) if comp in local})
+    return result
 
 
 def _shape_of(trace: TraceResult, name: str) -> tuple[int, ...]:
