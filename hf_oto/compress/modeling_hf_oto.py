@@ -204,13 +204,20 @@ def _make_class(base_name: str) -> type:
         self.config.auto_map = {auto: reference for auto in autos}
         return base.save_pretrained(self, save_directory, *args, **kwargs)
 
-    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), {
+    namespace = {
         "__init__": __init__,
         "from_pretrained": classmethod(from_pretrained),
         "save_pretrained": save_pretrained,
         "__module__": __name__,
         "__doc__": f"{base_name} with the per-layer sizes of an hf_oto structure manifest.",
-    })
+    }
+    # Transformers decides whether a class may pick its attention / experts implementation by reading
+    # the source of the class's module: this file's would say no, and a reloaded mixture of experts
+    # would run its experts in the eager loop (other sums) instead of the base class's grouped_mm.
+    for check in ("_can_set_attn_implementation", "_can_set_experts_implementation"):
+        if hasattr(base, check):
+            namespace[f"{check}_cached_value"] = bool(getattr(base, check)())
+    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), namespace)
     cls.__qualname__ = cls.__name__
     return cls
 
