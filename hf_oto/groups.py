@@ -250,6 +250,8 @@ class ZeroInvariantGroups:
         self.model_class = model_class
         self.example_inputs = example_inputs
         self.analysis_seconds = analysis_seconds
+        #: Seconds the meta-device dry run of compress took (0 when it did not run).
+        self.dry_run_seconds = 0.0
         self._index()
 
     def _index(self) -> None:
@@ -266,6 +268,7 @@ class ZeroInvariantGroups:
         self.covering_slices = [s for s in self.slices if not s.kept and s.flat_index(
             self.tensor_shapes[s.tensor]).unique().numel() == s.grid_size(self.tensor_shapes[s.tensor])]
         self._device_cache: dict[torch.device, list[tuple[int, GroupSlice]]] = {}
+        self._covering = None
 
     # -- container protocol ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -284,6 +287,11 @@ class ZeroInvariantGroups:
     @property
     def prunable_mask(self) -> torch.Tensor:
         return torch.tensor([g.prunable for g in self.groups], dtype=torch.bool)
+
+    @property
+    def exact_mask(self) -> torch.Tensor:
+        """Groups whose removal (when zero) leaves every output unchanged."""
+        return torch.tensor([g.exact for g in self.groups], dtype=torch.bool)
 
     @property
     def num_prunable(self) -> int:
@@ -395,15 +403,19 @@ class ZeroInvariantGroups:
         code that infers a head count with ``-1``; keeping one all-zero group is exact.
         """
         remove = remove.bool().cpu().clone()
-        while True:
-            changed = False
-            for s in self.covering_slices:
-                if not remove[s.group].all():
-                    continue
-                remove[s.group[0]] = False
-                changed = True
-            if not changed:
-                return remove
+        if not self.covering_slices:
+            return remove
+        if self._covering is None:
+            members = [s.group.unique() for s in self.covering_slices]
+            self._covering = (members, torch.cat(members),
+                              torch.arange(len(members)).repeat_interleave(torch.tensor([m.numel() for m in members])))
+        members, flat, segment = self._covering
+        # Only dims whose groups are all removed can empty; keeping a group never empties another.
+        kept = torch.zeros(len(members), dtype=torch.long).index_add_(0, segment, (~remove[flat]).long())
+        for i in (kept == 0).nonzero().flatten().tolist():
+            if remove[members[i]].all():
+                remove[self.covering_slices[i].group[0]] = False
+        return remove
 
     def padded_norms(self, remove: torch.Tensor) -> dict[str, tuple[int, int, torch.Tensor]]:
         """Norm modules that lose positions: module -> (dim, full size, kept positions)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Sequence
@@ -11,12 +12,20 @@ from torch import nn
 
 from ..graph.inputs import call_with
 from ..groups import ZeroInvariantGroups, ragged_width
+from .locate import run_located
 from .manifest import update_manifest
 from .modeling_hf_oto import pad_norm, route_experts
 
 
 class CompressionError(ValueError):
-    """The compressed model cannot be built, or does not reproduce the sparse model."""
+    """The compressed model cannot be built, or does not reproduce the sparse model.
+
+    ``module`` names the module where it failed, when one is known.
+    """
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
 
 
 def compress(
@@ -75,9 +84,9 @@ def compress(
             g = groups[int(blocked.nonzero()[0])]
             raise CompressionError(f"group {g.index} ({g.kind} in {g.layer}) is not prunable: {g.reason}")
         check = False
-    inexact = [g for g in groups if remove[g.index] and not g.exact]
+    inexact = int((remove & ~groups.exact_mask).sum())
     if inexact and check:
-        warnings.warn(f"{len(inexact)} removed groups are normalised by ops that cannot run padded (see "
+        warnings.warn(f"{inexact} removed groups are normalised by ops that cannot run padded (see "
                       "ZeroInvariantGroup.exact): outputs change slightly, so the exactness check is skipped",
                       stacklevel=2)
         check = False
@@ -94,21 +103,47 @@ def compress(
     shapes = _slice_tensors(target, plan, groups, ragged)
     attribute_updates = _merge(attribute_updates, _standard_attributes(target, plan, groups))
     for path, attrs in attribute_updates.items():
-        module = target.get_submodule(path)
         for attr, value in attrs.items():
-            setattr(module, attr, value)
+            with _building(path, f"setting attribute '{attr}' to {value!r}"):
+                setattr(target.get_submodule(path), attr, value)
     padding_specs = {}
     for path, (dim, size, kept) in paddings.items():
-        pad_norm(target.get_submodule(path), dim, size, kept)
+        with _building(path, "padding its norm"):
+            pad_norm(target.get_submodule(path), dim, size, kept)
         padding_specs[path] = {"dim": dim, "size": size, "kept": kept.tolist()}
     for path, spec in routes.items():
-        route_experts(target.get_submodule(path), **spec)
-    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs,
-                    experts=routes)
+        with _building(path, "remapping its routing"):
+            route_experts(target.get_submodule(path), **spec)
+    with _building("", "recording the structure manifest"):
+        update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs,
+                        experts=routes)
 
     if reference is not None:
-        _verify(reference, _run(target, groups.example_inputs), rtol)
+        _verify(reference, _run_checked(target, groups.example_inputs), rtol)
     return target
+
+
+@contextlib.contextmanager
+def _building(module: str, what: str):
+    """Anything that goes wrong while shrinking ``module`` is a CompressionError naming it."""
+    try:
+        yield
+    except CompressionError:
+        raise
+    except Exception as exc:
+        raise CompressionError(f"cannot shrink module '{module or '<model>'}' ({what}): "
+                               f"{type(exc).__name__}: {exc}", module) from exc
+
+
+def _run_checked(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """The compressed model's outputs; a CompressionError naming the module and op if it fails."""
+    result: list[list[torch.Tensor]] = []
+    failure = run_located(model, lambda: result.append(_run(model, inputs)))
+    if failure is not None:
+        raise CompressionError(f"the compressed model does not run: {failure}. The analysis missed a "
+                               "size this module depends on: please report it, and exclude the layer "
+                               "with GroupConfig.exclude meanwhile", failure.module)
+    return result[0]
 
 
 @torch.no_grad()
@@ -155,13 +190,13 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
         kept = int(((b.group < 0) | ~remove[b.group.clamp(min=0)]).sum())
         if kept % b.divisor:
             raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
-                                   f"positions but {kept} positions remain")
+                                   f"positions but {kept} positions remain", b.module)
         wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:
             raise CompressionError(f"attribute '{attr}' of module '{module}' would need the values "
-                                   f"{sorted(values)} at once; remove groups consistently")
+                                   f"{sorted(values)} at once; remove groups consistently", module)
         updates.setdefault(module, {})[attr] = values.pop()
     return updates
 
@@ -196,31 +231,39 @@ def _slice_tensors(model: nn.Module, plan: dict[str, dict[int, torch.Tensor]],
     shapes: dict[str, list[int]] = {}
     ragged = ragged or {}
     for name, dims in plan.items():
-        module_path, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        old = getattr(module, leaf)
-        with torch.no_grad():
-            data = old.detach()
-            per_expert = ragged.get(name)
-            for dim, keep in sorted(dims.items()):
-                if per_expert is None or dim != per_expert[1]:
-                    data = data.index_select(dim, keep.to(data.device))
-            if per_expert is not None:
-                data = _ragged(data, *per_expert)
-            data = data.clone(memory_format=torch.contiguous_format)
-        if isinstance(old, nn.Parameter):
-            new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+        with _building(name.rpartition(".")[0], f"slicing {name}"):
+            shapes.update(_slice_tensor(model, name, dims, groups, ragged.get(name)))
+    return shapes
+
+
+def _slice_tensor(model: nn.Module, name: str, dims: dict[int, torch.Tensor], groups: ZeroInvariantGroups,
+                  per_expert) -> dict[str, list[int]]:
+    """Slice one tensor (and its tied aliases) to the kept positions; its new shape per name."""
+    shapes: dict[str, list[int]] = {}
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    old = getattr(module, leaf)
+    with torch.no_grad():
+        data = old.detach()
+        for dim, keep in sorted(dims.items()):
+            if per_expert is None or dim != per_expert[1]:
+                data = data.index_select(dim, keep.to(data.device))
+        if per_expert is not None:
+            data = _ragged(data, *per_expert)
+        data = data.clone(memory_format=torch.contiguous_format)
+    if isinstance(old, nn.Parameter):
+        new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+    else:
+        new = data
+    for alias in groups.tensor_aliases.get(name, [name]):
+        apath, _, aleaf = alias.rpartition(".")
+        amodule = model.get_submodule(apath)
+        if isinstance(new, nn.Parameter):
+            setattr(amodule, aleaf, new)
         else:
-            new = data
-        for alias in groups.tensor_aliases.get(name, [name]):
-            apath, _, aleaf = alias.rpartition(".")
-            amodule = model.get_submodule(apath)
-            if isinstance(new, nn.Parameter):
-                setattr(amodule, aleaf, new)
-            else:
-                persistent = aleaf not in amodule._non_persistent_buffers_set
-                amodule.register_buffer(aleaf, new, persistent=persistent)
-            shapes[alias] = list(new.shape)
+            persistent = aleaf not in amodule._non_persistent_buffers_set
+            amodule.register_buffer(aleaf, new, persistent=persistent)
+        shapes[alias] = list(new.shape)
     return shapes
 
 

@@ -70,6 +70,10 @@ def find_groups(
         model.train(was_training)
     groups = build_groups(trace, config, type(model).__name__)
     groups.example_inputs = inputs
+    if config.dry_run:
+        from ..compress.dry_run import demote_unremovable  # compress builds on the groups: import late
+
+        groups = demote_unremovable(model, groups, inputs)
     groups.analysis_seconds = time.perf_counter() - start
     return groups
 

@@ -30,6 +30,10 @@ class GroupConfig(JsonConfigMixin):
             router's rows (zero) and remaps the routing, so that outputs stay exact. Each
             expert's FFN neurons are groups of kind ``neuron`` either way.
         exclude: regular expressions; a group whose layer name matches one is kept unprunable.
+        dry_run: after the analysis, compress a meta-device copy of the model (no memory) with
+            every prunable group removed and run it; groups whose removal breaks a shape become
+            unprunable, with a warning naming the module and op (see
+            :func:`hf_oto.compress.dry_run.demote_unremovable`).
 
     Example:
         >>> cfg = GroupConfig(prune_hidden=False, exclude=[r"encoder\\.layer\\.0\\."])
@@ -43,6 +47,7 @@ class GroupConfig(JsonConfigMixin):
     prune_hidden: bool = False
     prune_experts: bool = False
     exclude: list[str] = field(default_factory=list)
+    dry_run: bool = True
 
     config_label = "GroupConfig fields"
 
