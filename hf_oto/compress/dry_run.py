@@ -7,7 +7,8 @@ memory), removes every prunable group with :func:`hf_oto.compress` (keeping one 
 dimension, as compress does), and runs the forward pass on meta inputs. Where it breaks, the
 blocks of groups (one layer's heads, one layer's neurons, ...) involved in the failing module are
 tried one at a time; those whose removal breaks a shape become unprunable, with a warning naming
-the module and the op.
+the module and the op. The few models that do not run on the meta device (they read tensor
+values: ``.tolist()``, an assert on a computed size) are dry-run on a real copy when small enough.
 """
 
 from __future__ import annotations
@@ -73,18 +74,24 @@ def _to_meta(inputs: Any) -> Any:
     return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, inputs)
 
 
-class _Trial:
-    """Removes a set of groups from a fresh meta copy and runs it."""
+#: A model that does not run on the meta device (``.tolist()`` of a tensor, an assert on values)
+#: is dry-run on a real copy instead when its tensors take at most this many bytes.
+REAL_COPY_LIMIT = 1 << 30
 
-    def __init__(self, model: torch.nn.Module, groups: ZeroInvariantGroups, inputs: Any) -> None:
-        self.model, self.groups, self.inputs = model, groups, _to_meta(inputs)
+
+class _Trial:
+    """Removes a set of groups from a fresh copy (meta, or real when ``real``) and runs it."""
+
+    def __init__(self, model: torch.nn.Module, groups: ZeroInvariantGroups, inputs: Any, real: bool = False) -> None:
+        self.model, self.groups, self.real = model, groups, real
+        self.inputs = inputs if real else _to_meta(inputs)
         self.runs = 0
 
     def __call__(self, remove: torch.Tensor | None) -> Failure | None:
         from .core import compress
 
         self.runs += 1
-        target = _meta_copy(self.model)
+        target = copy.deepcopy(self.model) if self.real else _meta_copy(self.model)
         target.eval()
         if remove is not None and remove.any():
             try:
@@ -94,6 +101,11 @@ class _Trial:
         with torch.no_grad(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True), \
                 _ShapesOnly():
             return run_located(target, lambda: call_with(target, self.inputs))
+
+
+def _size_in_bytes(model: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _block_modules(groups: ZeroInvariantGroups, block: torch.Tensor, n_blocks: int) -> list[set[str]]:
@@ -142,9 +154,15 @@ def demote_unremovable(model: torch.nn.Module, groups: ZeroInvariantGroups, inpu
         return groups
     baseline = trial(None)
     if baseline is not None:
-        groups.notes.append(f"dry run skipped: the model does not run on the meta device ({baseline})")
-        groups.dry_run_seconds = time.perf_counter() - start
-        return groups
+        if _size_in_bytes(model) > REAL_COPY_LIMIT or any(p.is_meta for p in model.parameters()):
+            groups.notes.append(f"dry run skipped: the model does not run on the meta device ({baseline})")
+            groups.dry_run_seconds = time.perf_counter() - start
+            return groups
+        trial = _Trial(model, groups, inputs, real=True)
+        failure = trial(prunable)
+        if failure is None:
+            groups.dry_run_seconds = time.perf_counter() - start
+            return groups
 
     keys = groups.layer_blocks()
     block, n_blocks = keys[0], len(keys[1])
