@@ -6,7 +6,8 @@ classification, image classification, audio classification / CTC, image-text-to-
 is built from the type's default config shrunk to a tiny size (2 layers, 4 heads of 16, FFN 128,
 vocabulary 128, 64-pixel images, 4 experts). Then, per architecture:
 
-* heads / neurons / channels / experts found prunable (of those found);
+* heads / neurons / channels / experts found prunable (of those found; whole experts with
+  ``GroupConfig(prune_experts=True)``);
 * exact: a random 40% of the prunable groups zeroed, ``compress`` (which checks the outputs);
 * reload: the compressed model saved, then loaded in another process (``trust_remote_code`` and
   ``hf_oto.from_pretrained``), outputs equal bit for bit;
@@ -170,6 +171,12 @@ def _shrink_int(key: str, value: int, heads0: int | None) -> int | None:
         return 2
     if key == "window_size" and value > 2:
         return 2
+    if re.search(r"first_k_dense|num_dense_layers", key):
+        return min(value, 1)  # so that a 2-layer MoE keeps a sparse layer
+    if key in ("n_group", "num_expert_group"):
+        return min(value, 2)
+    if key == "topk_group":
+        return min(value, 1)
     return None
 
 
@@ -254,7 +261,7 @@ def run_one(model_type: str, arch: str, category: str, out_dir: str) -> dict[str
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     sys.path.insert(0, ROOT)
-    from hf_oto import compress, find_groups
+    from hf_oto import GroupConfig, compress, find_groups
     from hf_oto.compress.core import _run, max_relative_difference
 
     row: dict[str, Any] = {"model_type": model_type, "arch": arch, "category": category}
@@ -280,7 +287,7 @@ def run_one(model_type: str, arch: str, category: str, out_dir: str) -> dict[str
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            groups = find_groups(model, inputs)
+            groups = find_groups(model, inputs, GroupConfig(prune_experts=True))
     except Exception as exc:
         row["error"] = f"analysis failed ({_short(exc)})"
         return row

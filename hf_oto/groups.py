@@ -110,8 +110,10 @@ def reduce_except(t: torch.Tensor, dims: int | tuple[int, ...], norm: bool = Fal
 class AttributeBinding:
     """A module attribute holding the size of a prunable dimension (``split_size``, ``num_heads``).
 
-    Its new value is ``sign *`` the number of kept positions among ``group`` (-1: always kept),
-    divided by ``divisor`` when the attribute counts units (heads) of ``divisor`` positions.
+    Its new value is the number of kept positions among ``group`` (-1: always kept), divided by
+    ``divisor`` when the attribute counts units (heads) of ``divisor`` positions. ``sign`` is -1
+    where the code writes the size as a negative offset (``x[..., :-self.n_shared]``); the
+    attribute holds the magnitude either way.
     """
 
     module: str

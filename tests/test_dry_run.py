@@ -119,3 +119,30 @@ def test_dry_run_demotes_nothing_on_the_zoo(name):
     plain = find_groups(model, inputs, GroupConfig(dry_run=False, prune_hidden=name in ("bert-qa", "llama-gqa")))
     assert torch.equal(groups.prunable_mask, plain.prunable_mask)
     assert not groups.notes
+
+
+class SplitTail(nn.Module):
+    """Cuts its projection as ``h[..., :-self.n_extra]``: the attribute holds the magnitude."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 12)
+        self.out = nn.Linear(10, 3)
+        self.n_extra = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(x))
+        tail = h[..., -self.n_extra:] * torch.tensor([1.0, 2.0])  # fixed size: the tail stays
+        return self.out(h[..., :-self.n_extra]) + tail.sum(-1, keepdim=True)
+
+
+def test_negative_slice_bound_keeps_its_attribute_positive():
+    torch.manual_seed(0)
+    model, inputs = SplitTail().eval(), (torch.randn(4, 8),)
+    groups = find_groups(model, inputs)
+    assert groups.num_prunable == 10 and not groups.notes
+    zero_random_groups(model, groups, 0.4, seed=0)
+    reference = outputs(model, inputs)
+    small = compress(model, groups)
+    assert small.n_extra == 2 and small.proj.out_features == 8
+    assert relative_difference(reference, outputs(small, inputs)) <= 1e-5

@@ -191,7 +191,9 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
         if kept % b.divisor:
             raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
                                    f"positions but {kept} positions remain", b.module)
-        wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor)
+        # The attribute holds the size's magnitude even where the code writes it as a negative
+        # offset (``x[..., :-self.n_shared]``, sign -1): its new value is the kept count.
+        wanted.setdefault((b.module, b.attribute), set()).add(kept // b.divisor)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:

@@ -65,8 +65,9 @@ _KEEPS_VALUES = {
 _IDS_TO_AXIS = {"histc", "bincount"}
 # Ops that keep a per-expert axis (offsets are the cumulative counts).
 _KEEPS_AXIS = _KEEPS_VALUES | {"cumsum"}
-# Attribute names that count a module's experts.
-_EXPERT_COUNT = re.compile(r"expert", re.I)
+# Attribute names that count a module's experts (not the experts per token, nor the shared ones).
+_EXPERT_COUNT = re.compile(r"experts$", re.I)
+_NOT_EXPERT_COUNT = re.compile(r"shared|per_tok|top|group|active", re.I)
 
 
 @dataclass
@@ -320,7 +321,8 @@ def _count_bindings(trace, path: str, expert_groups: np.ndarray) -> list[Attribu
     n = len(expert_groups)
     return [AttributeBinding(path, attr, n, 1, torch.from_numpy(expert_groups.copy()))
             for attr, value in vars(module).items()
-            if type(value) is int and value == n and _EXPERT_COUNT.search(attr) and not attr.startswith("_")]
+            if type(value) is int and value == n and _EXPERT_COUNT.search(attr) and not _NOT_EXPERT_COUNT.search(attr)
+            and not attr.startswith("_")]
 
 
 def _attach_router_rows(edit: "_GroupEdit", trace, site: RouterSite, roots, gid_of, expert_groups) -> None:
@@ -413,15 +415,20 @@ class _GroupEdit:
                 slices.append(GroupSlice(s.tensor, s.is_param, s.dim, idx.repeat(experts),
                                          gid[split].repeat(experts) + outer, outer_dim, outer))
 
-        def remap(vec: torch.Tensor) -> torch.Tensor:
-            return torch.where(vec >= 0, new_id[vec.clamp(min=0)], vec)
+        # Sizes that count router rows (``view(-1, n_group, self.num_experts // n_group)``) stay:
+        # the rows are kept, so for attributes and paddings they are positions that never go.
+        kept_id = new_id.clone()
+        kept_id[merged] = -1
+
+        def remap(vec: torch.Tensor, ids: torch.Tensor = kept_id) -> torch.Tensor:
+            return torch.where(vec >= 0, ids[vec.clamp(min=0)], vec)
 
         return ZeroInvariantGroups(
             groups, slices, old.tensor_shapes, old.tensor_aliases, config=old.config,
             bindings=[replace(b, group=remap(b.group)) for b in old.bindings + bindings],
             unprunable_tensors=old.unprunable_tensors, unsupported_ops=old.unsupported_ops,
             norm_paddings=[replace(p, group=remap(p.group)) for p in old.norm_paddings],
-            expert_routings=[replace(r, group=remap(r.group)) for r in routings],
+            expert_routings=[replace(r, group=remap(r.group, new_id)) for r in routings],
             notes=old.notes, model_class=old.model_class)
 
 
