@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .graph.config import GroupConfig
+from .group_slices import (GroupSlice, _outer_of, grid_view, per_position, ragged_width,  # noqa: F401
+                           reduce_except, segment_layout)
+from .group_summary import format_summary
 
 
 @dataclass(frozen=True)
@@ -43,67 +45,6 @@ class ZeroInvariantGroup:
     reason: str
     num_params: int
     exact: bool = True
-
-
-@dataclass
-class GroupSlice:
-    """Positions along ``dim`` of tensor ``tensor`` and the group each one belongs to.
-
-    A per-expert slice (``outer_dim`` set) addresses a grid instead: position i is index
-    ``outer[i]`` along ``outer_dim`` and ``index[i]`` along ``dim``, so that one expert's neuron in
-    a 3-D tensor holding every expert (``gate_up_proj[e, j, :]``) is a group of its own. A
-    ``kept`` slice belongs to its groups (norms, zeroing) but stays, zero, in the compressed model:
-    a router's rows, whose removal would change which experts its top-k picks.
-    """
-
-    tensor: str
-    is_param: bool
-    dim: int
-    index: torch.Tensor
-    group: torch.Tensor
-    outer_dim: int | None = None
-    outer: torch.Tensor | None = None
-    kept: bool = False
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        """The dims the positions address: ``(dim,)`` or ``(outer_dim, dim)``."""
-        return (self.dim,) if self.outer_dim is None else (self.outer_dim, self.dim)
-
-    def grid_size(self, shape: Sequence[int]) -> int:
-        """Number of positions along :attr:`dims` of a tensor of ``shape``."""
-        return math.prod(shape[d] for d in self.dims)
-
-    def flat_index(self, shape: Sequence[int]) -> torch.Tensor:
-        """Positions as indices into the flattened :attr:`dims` (row-major, in that order)."""
-        return self.index if self.outer is None else self.outer * shape[self.dim] + self.index
-
-
-def grid_view(t: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
-    """``t`` with ``dims`` moved to the front (a view), so ``[outer, index]`` addresses positions."""
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    return t.movedim(dims, tuple(range(len(dims))))
-
-
-def per_position(reduced: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
-    """Flatten a tensor reduced over every dim but ``dims`` (kept in ascending order) into one
-    value per position, ``dims`` row-major in the given order."""
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if len(dims) > 1:
-        order = sorted(dims)
-        reduced = reduced.permute([order.index(d) for d in dims])
-    return reduced.reshape(-1)
-
-
-def reduce_except(t: torch.Tensor, dims: int | tuple[int, ...], norm: bool = False) -> torch.Tensor:
-    """Per position along ``dims``: the sum of ``t`` (or its L2 norm) over the other dims."""
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    other = [d for d in range(t.dim()) if d not in dims]
-    if norm:
-        red = torch.linalg.vector_norm(t, 2, dim=other) if other else t.abs()
-    else:
-        red = t.sum(other) if other else t
-    return per_position(red, dims)
 
 
 @dataclass
@@ -152,101 +93,6 @@ class ExpertRouting:
     group: torch.Tensor  # group of each expert, by position along the expert dim (-1: none)
     index_arg: int | str  # the module's argument holding the routed expert ids (position or name)
     weight_arg: int | str | None  # its argument holding the routing weights (same shape)
-
-
-def segment_layout(index: torch.Tensor, group: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The groups along one dim and, per group, its position in each of ``k`` equal segments.
-
-    Returns ``(groups, positions)`` with ``positions`` of shape ``[len(groups), k]``, or None when
-    the groups do not all hold one position at the same offset of every segment (``gate_up_proj``
-    holds neuron j at j and at ffn + j: two segments, which the model's ``chunk(2)`` keeps apart).
-    """
-    order = torch.argsort(group * size + index)
-    group, index = group[order], index[order]
-    groups, counts = torch.unique_consecutive(group, return_counts=True)
-    k = int(counts[0]) if counts.numel() else 1
-    if (counts != k).any() or size % k:
-        return None
-    positions = index.view(-1, k)
-    if not torch.equal(positions - positions[:, :1], torch.arange(k).mul(size // k).expand_as(positions)):
-        return None
-    return groups, positions
-
-
-def ragged_width(per_outer: Sequence[torch.Tensor], size: int) -> int:
-    """Width of a per-expert dim of ``size``: per segment the widest expert's kept count, rounded
-    up to a multiple of 8 (the grouped-matmul kernels want 16-byte aligned strides) but no wider
-    than the segment was."""
-    k = per_outer[0].shape[1] if per_outer else 1
-    widest = max((p.shape[0] for p in per_outer), default=0)
-    return k * min(size // k, -(-widest // 8) * 8)
-
-
-def _outer_of(s: GroupSlice, groups: torch.Tensor) -> torch.Tensor:
-    """The outer index (expert) of each group of a per-expert slice."""
-    table = torch.full((int(s.group.max()) + 1,), -1, dtype=torch.long)
-    table[s.group] = s.outer
-    return table[groups]
-
-
-_NUMBER = re.compile(r"^\d+$")
-
-
-def _block_of(path: str) -> str:
-    """The repeated block a module path lies in: up to its first numeric component
-    (``model.layers.3.self_attn`` -> ``model.layers.3``), else the path itself."""
-    parts = path.split(".") if path else []
-    for i, part in enumerate(parts):
-        if _NUMBER.match(part):
-            return ".".join(parts[:i + 1])
-    return path or "<model>"
-
-
-def _generic(text: str, block: str) -> str:
-    """``text`` with the block's index replaced by ``*``, so that layers with the same reason match."""
-    prefix, _, index = block.rpartition(".")
-    if not prefix or not _NUMBER.match(index):
-        return text
-    return re.sub(rf"(?<![\w.]){re.escape(prefix)}\.{index}(?=[.'\s)]|$)", f"{prefix}.*", text)
-
-
-def _ranges(blocks: list[str]) -> str:
-    """``model.layers.0``, ``model.layers.1``, ... as ``model.layers.0-1``, ranges per prefix."""
-    by_prefix: dict[str, list[int]] = {}
-    plain: list[str] = []
-    for b in blocks:
-        prefix, _, index = b.rpartition(".")
-        if prefix and _NUMBER.match(index):
-            by_prefix.setdefault(prefix, []).append(int(index))
-        elif b not in plain:
-            plain.append(b)
-    parts = []
-    for prefix, indices in by_prefix.items():
-        indices = sorted(set(indices))
-        runs, start = [], indices[0]
-        for a, b in zip(indices, indices[1:] + [None]):
-            if b != a + 1:
-                runs.append(f"{start}" if start == a else f"{start}-{a}")
-                start = b
-        parts.append(f"{prefix}.{','.join(runs)}")
-    return ", ".join(plain + parts)
-
-
-def _collapse_rows(rows: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
-    """Consecutive blocks of one prefix with the same cells become one row (``model.layers.0-31``)."""
-    out: dict[str, list[str]] = {}
-    run: list[str] = []
-    for i, (block, cells) in enumerate(rows):
-        run.append(block)
-        nxt = rows[i + 1] if i + 1 < len(rows) else None
-        prefix, _, index = block.rpartition(".")
-        same = (nxt is not None and nxt[1] == cells and prefix and _NUMBER.match(index)
-                and nxt[0].rpartition(".")[0] == prefix and _NUMBER.match(nxt[0].rpartition(".")[2])
-                and int(nxt[0].rpartition(".")[2]) == int(index) + 1)
-        if not same:
-            out[_ranges(run)] = cells
-            run = []
-    return out
 
 
 def _slice_state(s: GroupSlice) -> dict[str, Any]:
@@ -601,53 +447,7 @@ class ZeroInvariantGroups:
         the same counts share one row (``model.layers.0-31``), and every reason is printed once
         with the blocks it applies to, so a 32-layer model reads in a screen.
         """
-        kinds = [k for k in ("head", "neuron", "expert", "channel", "hidden") if any(g.kind == k for g in self)]
-        cells: dict[str, dict[str, list[int]]] = {}
-        reasons: dict[tuple[str, str], dict[str, int]] = {}
-        for g in self.groups:
-            block = _block_of(g.layer)
-            count = cells.setdefault(block, {}).setdefault(g.kind, [0, 0])
-            count[0] += 1
-            count[1] += int(g.prunable)
-            if not g.prunable or not g.exact:
-                why = g.reason if not g.prunable else "prunable, approximate: normalised dimension"
-                where = reasons.setdefault((g.kind, _generic(why, block)), {})
-                where[block] = where.get(block, 0) + 1
-        seconds = f"analysis {self.analysis_seconds:.2f}s"
-        if self.dry_run_seconds:
-            seconds += f", of which dry run {self.dry_run_seconds:.2f}s"
-        lines = [f"{self.model_class or 'model'}: {len(self)} zero-invariant groups, "
-                 f"{self.num_prunable} prunable ({seconds})", "", "prunable / found, per layer:"]
-        rows = [(block, [f"{c[1]}/{c[0]}" if (c := cells[block].get(k)) else "-" for k in kinds])
-                for block in cells]
-        width = max([len("layer")] + [len(b) for b in _collapse_rows(rows)])
-        lines.append(f"  {'layer':<{width}}  " + "  ".join(f"{k:>13}" for k in kinds))
-        for name, row in _collapse_rows(rows).items():
-            lines.append(f"  {name:<{width}}  " + "  ".join(f"{c:>13}" for c in row))
-        if reasons:
-            lines += ["", "not prunable, and why:"]
-            for (kind, why), where in sorted(reasons.items(), key=lambda kv: (kinds.index(kv[0][0]), kv[0][1])):
-                total = sum(where.values())
-                lines.append(f"  {total} {kind} in {_ranges(list(where))}: {why}")
-        if self.unprunable_tensors:
-            lines += ["", "parameters with no prunable structure:"]
-            by_why: dict[str, list[str]] = {}
-            for name, why in self.unprunable_tensors.items():
-                block = _block_of(name)
-                by_why.setdefault(f"{_generic(name, block)}: {_generic(why, block)}", []).append(block)
-            lines += [f"  {text.replace('*', _ranges(blocks).rpartition('.')[2], 1) if '*' in text else text}"
-                      for text, blocks in by_why.items()]
-        if self.unsupported_ops:
-            lines += ["", "ops the analysis did not understand (their structures are unprunable):"]
-            by_op: dict[str, list[str]] = {}
-            for op in self.unsupported_ops:
-                block = _block_of(op.rpartition("'")[0].rpartition("'")[2])
-                by_op.setdefault(_generic(op, block), []).append(block)
-            lines += [f"  {text.replace('*', _ranges(blocks).rpartition('.')[2], 1) if '*' in text else text}"
-                      for text, blocks in by_op.items()]
-        if self.notes:
-            lines += ["", "notes:"] + [f"  {n}" for n in self.notes]
-        return "\n".join(lines)
+        return format_summary(self)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{kind: {"total": n, "prunable": m}}``."""

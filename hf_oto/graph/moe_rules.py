@@ -37,7 +37,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..groups import (AttributeBinding, ExpertRouting, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups,
                       segment_layout)
