@@ -146,3 +146,14 @@ def test_negative_slice_bound_keeps_its_attribute_positive():
     small = compress(model, groups)
     assert small.n_extra == 2 and small.proj.out_features == 8
     assert relative_difference(reference, outputs(small, inputs)) <= 1e-5
+
+
+def test_a_model_that_cannot_be_copied_keeps_its_groups_with_a_note():
+    import threading
+
+    model, inputs = _net()
+    model.lock = threading.Lock()  # deepcopy refuses locks
+    groups = find_groups(model, inputs)
+    assert groups.num_prunable == find_groups(model, inputs, GroupConfig(dry_run=False)).num_prunable
+    assert groups.notes and "cannot be copied" in groups.notes[0]
+    assert "dry run skipped" in groups.summary()

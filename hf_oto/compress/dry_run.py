@@ -74,6 +74,10 @@ def _to_meta(inputs: Any) -> Any:
     return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, inputs)
 
 
+class _CannotCopy(Exception):
+    pass
+
+
 #: A model that does not run on the meta device (``.tolist()`` of a tensor, an assert on values)
 #: is dry-run on a real copy instead when its tensors take at most this many bytes.
 REAL_COPY_LIMIT = 1 << 30
@@ -91,7 +95,10 @@ class _Trial:
         from .core import compress
 
         self.runs += 1
-        target = copy.deepcopy(self.model) if self.real else _meta_copy(self.model)
+        try:
+            target = copy.deepcopy(self.model) if self.real else _meta_copy(self.model)
+        except Exception as exc:  # hooks or handles that do not copy: nothing can be checked
+            raise _CannotCopy(f"dry run skipped: the model cannot be copied ({type(exc).__name__}: {exc})") from exc
         target.eval()
         if remove is not None and remove.any():
             try:
@@ -147,21 +154,28 @@ def demote_unremovable(model: torch.nn.Module, groups: ZeroInvariantGroups, inpu
     prunable = groups.prunable_mask
     if not prunable.any():
         return groups
+    try:
+        groups = _demote(model, groups, inputs, prunable)
+    except _CannotCopy as exc:
+        groups.notes.append(str(exc))
+    groups.dry_run_seconds = time.perf_counter() - start
+    return groups
+
+
+def _demote(model: torch.nn.Module, groups: ZeroInvariantGroups, inputs: Any,
+            prunable: torch.Tensor) -> ZeroInvariantGroups:
     trial = _Trial(model, groups, inputs)
     failure = trial(prunable)
     if failure is None:
-        groups.dry_run_seconds = time.perf_counter() - start
         return groups
     baseline = trial(None)
     if baseline is not None:
         if _size_in_bytes(model) > REAL_COPY_LIMIT or any(p.is_meta for p in model.parameters()):
             groups.notes.append(f"dry run skipped: the model does not run on the meta device ({baseline})")
-            groups.dry_run_seconds = time.perf_counter() - start
             return groups
         trial = _Trial(model, groups, inputs, real=True)
         failure = trial(prunable)
         if failure is None:
-            groups.dry_run_seconds = time.perf_counter() - start
             return groups
 
     keys = groups.layer_blocks()
@@ -195,9 +209,7 @@ def demote_unremovable(model: torch.nn.Module, groups: ZeroInvariantGroups, inpu
             demoted[fixed] = failure
             removed.discard(fixed)
             failure = failure_after
-    groups = _demote(groups, block, demoted)
-    groups.dry_run_seconds = time.perf_counter() - start
-    return groups
+    return _demoted(groups, block, demoted)
 
 
 def _bisect(trial: _Trial, removed: set[int], mask) -> list[int]:
@@ -213,7 +225,7 @@ def _bisect(trial: _Trial, removed: set[int], mask) -> list[int]:
     return [order[hi - 1]]
 
 
-def _demote(groups: ZeroInvariantGroups, block: torch.Tensor, demoted: dict[int, Failure]) -> ZeroInvariantGroups:
+def _demoted(groups: ZeroInvariantGroups, block: torch.Tensor, demoted: dict[int, Failure]) -> ZeroInvariantGroups:
     by_failure: dict[Failure, list[int]] = {}
     for b, failure in demoted.items():
         by_failure.setdefault(failure, []).append(b)
