@@ -20,17 +20,16 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from ..graph.inputs import call_with
 from ..groups import ZeroInvariantGroups
-from .locate import Failure, run_located
+from .locate import Failure, LastOp, run_located
 
 aten = torch.ops.aten
 
 
-class _ShapesOnly(TorchDispatchMode):
+class _ShapesOnly(LastOp):
     """Meta kernels with the gaps a shape check needs filled.
 
     ``.item()`` has no value on the meta device: the model gets a neutral one (True, 1) so that
@@ -38,8 +37,7 @@ class _ShapesOnly(TorchDispatchMode):
     kernel only takes bfloat16; its shape rule and the CPU kernel's checks are written out here.
     """
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def run_op(self, func, args, kwargs):
         if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
             x = args[0]
             return True if x.dtype == torch.bool else (1.0 if x.is_floating_point() else 1)
@@ -105,9 +103,8 @@ class _Trial:
                 compress(target, self.groups, remove=remove, inplace=True, verify=False)
             except Exception as exc:  # a failure to build is a failure of these groups too
                 return Failure(getattr(exc, "module", ""), "compress", " ".join(str(exc).split())[:300])
-        with torch.no_grad(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True), \
-                _ShapesOnly():
-            return run_located(target, lambda: call_with(target, self.inputs))
+        with torch.no_grad(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
+            return run_located(target, lambda: call_with(target, self.inputs), _ShapesOnly())
 
 
 def _size_in_bytes(model: torch.nn.Module) -> int:

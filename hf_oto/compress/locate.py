@@ -24,16 +24,19 @@ class Failure:
         return f"module '{self.module or '<model>'}' fails at {self.op}: {self.message}"
 
 
-class _LastOp(TorchDispatchMode):
-    """Remembers the op that raised."""
+class LastOp(TorchDispatchMode):
+    """Remembers the op that raised. Subclasses change how ops run in :meth:`run_op`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed: tuple[BaseException, str] | None = None
 
+    def run_op(self, func, args, kwargs):
+        return func(*args, **kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         try:
-            return func(*args, **(kwargs or {}))
+            return self.run_op(func, args, kwargs or {})
         except Exception as exc:
             if self.failed is None or self.failed[0] is not exc:
                 self.failed = (exc, str(func))
@@ -54,9 +57,9 @@ def locate(model: torch.nn.Module, exc: BaseException, op: str | None = None) ->
     return Failure(module if module is not None else "", op or line or type(exc).__name__, message)
 
 
-def run_located(model: torch.nn.Module, call: Callable[[], Any]) -> Failure | None:
+def run_located(model: torch.nn.Module, call: Callable[[], Any], tracker: LastOp | None = None) -> Failure | None:
     """Run ``call`` (a forward of ``model``); None if it returns, else where it failed."""
-    tracker = _LastOp()
+    tracker = tracker or LastOp()
     try:
         with tracker:
             call()
