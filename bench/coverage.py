@@ -490,7 +490,7 @@ def report(rows: list[dict[str, Any]], argv: list[str]) -> str:
         f"{count(lambda r: r.get('expert', '-') != '-')}",
         f"- exact after compress: {count(lambda r: _ok(r.get('exact')))} of "
         f"{count(lambda r: r.get('exact', '-') != 'nothing to remove')}; reload exact in a fresh process: "
-        f"{count(lambda r: _ok(r.get('reload')))} of {count(lambda r: str(r.get('reload', '')).startswith(('yes', 'no')))} "
+        f"{count(lambda r: _ok(r.get('reload')))} of {count(lambda r: str(r.get('reload', '')).startswith(('yes', 'no:')))} "
         f"checked; greedy generate() equal: {count(lambda r: _ok(r.get('generate')))} "
         f"of {count(lambda r: r['category'] in GENERATES and r.get('generate'))} decoders",
         f"- text encoders, decoders and encoder-decoders: {len(text_rows)}; with every head and neuron "

@@ -107,6 +107,38 @@ class _Trial:
             return run_located(target, lambda: call_with(target, self.inputs), _ShapesOnly())
 
 
+def _demote_rebuilt_buffers(model: torch.nn.Module, groups: ZeroInvariantGroups) -> ZeroInvariantGroups:
+    """Groups that slice a non-persistent buffer cannot be saved: the checkpoint does not hold the
+    buffer, and a reloaded model rebuilds it at full size from its config (sinusoidal position
+    tables, relative-coordinate tables)."""
+    transient = set()
+    for path, module in model.named_modules():
+        transient.update(f"{path}.{name}" if path else name for name in module._non_persistent_buffers_set)
+    reasons: dict[int, str] = {}
+    for s in groups.slices:
+        if not s.is_param and not s.kept and any(a in transient for a in groups.tensor_aliases.get(s.tensor, [s.tensor])):
+            why = (f"compress cannot remove it: it slices the non-persistent buffer '{s.tensor}', which a "
+                   "reloaded model rebuilds at full size")
+            for g in s.group.unique().tolist():
+                if groups[g].prunable:
+                    reasons.setdefault(g, why)
+    if not reasons:
+        return groups
+    new = [replace(g, prunable=False, reason=reasons[g.index]) if g.index in reasons else g for g in groups]
+    warnings.warn(f"hf_oto: {len(reasons)} groups demoted to unprunable: they slice non-persistent buffers "
+                  f"({sorted(set(reasons.values()))[0]})", stacklevel=3)
+    return _rebuilt(groups, new)
+
+
+def _rebuilt(groups: ZeroInvariantGroups, new: list) -> ZeroInvariantGroups:
+    return ZeroInvariantGroups(
+        new, groups.slices, groups.tensor_shapes, groups.tensor_aliases, config=groups.config,
+        bindings=groups.bindings, unprunable_tensors=groups.unprunable_tensors,
+        unsupported_ops=groups.unsupported_ops, norm_paddings=groups.norm_paddings,
+        expert_routings=groups.expert_routings, notes=groups.notes, model_class=groups.model_class,
+        example_inputs=groups.example_inputs, analysis_seconds=groups.analysis_seconds)
+
+
 def _size_in_bytes(model: torch.nn.Module) -> int:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -148,6 +180,7 @@ def demote_unremovable(model: torch.nn.Module, groups: ZeroInvariantGroups, inpu
         >>> [g.reason for g in groups if "compress cannot remove" in g.reason]   # doctest: +SKIP
     """
     start = time.perf_counter()
+    groups = _demote_rebuilt_buffers(model, groups)
     prunable = groups.prunable_mask
     if not prunable.any():
         return groups
@@ -235,9 +268,4 @@ def _demoted(groups: ZeroInvariantGroups, block: torch.Tensor, demoted: dict[int
         kinds = sorted({new[g].kind for g in members})
         warnings.warn(f"hf_oto: {len(members)} {'/'.join(kinds)} groups demoted to unprunable: removing them, "
                       f"{failure}", stacklevel=3)
-    return ZeroInvariantGroups(
-        new, groups.slices, groups.tensor_shapes, groups.tensor_aliases, config=groups.config,
-        bindings=groups.bindings, unprunable_tensors=groups.unprunable_tensors,
-        unsupported_ops=groups.unsupported_ops, norm_paddings=groups.norm_paddings,
-        expert_routings=groups.expert_routings, notes=groups.notes, model_class=groups.model_class,
-        example_inputs=groups.example_inputs, analysis_seconds=groups.analysis_seconds)
+    return _rebuilt(groups, new)

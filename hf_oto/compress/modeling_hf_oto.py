@@ -219,7 +219,27 @@ def _make_class(base_name: str) -> type:
             namespace[f"{check}_cached_value"] = bool(getattr(base, check)())
     cls = type(f"{CLASS_PREFIX}{base_name}", (base,), namespace)
     cls.__qualname__ = cls.__name__
+    _share_checkpoint_conversions(base, cls.__name__)
     return cls
+
+
+def _share_checkpoint_conversions(base: type, name: str) -> None:
+    # Transformers renames some weights between the checkpoint and the model (``lm_head`` stored
+    # as ``model.llm.unembed``), but not for classes defined outside it: saving renames (the model
+    # was built as the base class), loading would not, and the renamed weights would be left
+    # uninitialised. Registering the base class's renamings under this class's name restores them.
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # releases without checkpoint conversions
+        return
+    getter = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
+    register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
+    if getter is None or register is None:
+        return
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = getter(base.__name__) or (getter(model_type) if model_type else None)
+    if mapping is not None:
+        register(name, mapping, overwrite=True)
 
 
 _CLASSES: dict[str, type] = {}
