@@ -157,3 +157,26 @@ def test_a_model_that_cannot_be_copied_keeps_its_groups_with_a_note():
     assert groups.num_prunable == find_groups(model, inputs, GroupConfig(dry_run=False)).num_prunable
     assert groups.notes and "cannot be copied" in groups.notes[0]
     assert "dry run skipped" in groups.summary()
+
+
+class ScaledFFN(FFN):
+    def __init__(self, persistent: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(1.0, 2.0, 16), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)) * self.scale)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_groups_slicing_a_buffer_the_checkpoint_lacks_are_not_prunable(persistent):
+    torch.manual_seed(0)
+    model, inputs = ScaledFFN(persistent).eval(), (torch.randn(4, 8),)
+    groups = find_groups(model, inputs)
+    inner = {int(g) for s in groups.slices if s.tensor == "up.weight" and s.dim == 0 for g in s.group}
+    neurons = [groups[g] for g in sorted(inner)]
+    assert len(neurons) == 16
+    if persistent:
+        assert all(g.prunable for g in neurons)
+    else:
+        assert not any(g.prunable for g in neurons) and "non-persistent buffer 'scale'" in neurons[0].reason
