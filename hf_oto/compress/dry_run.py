@@ -227,7 +227,7 @@ def _demote(model: torch.nn.Module, groups: ZeroInvariantGroups, inputs: Any,
         fixed = None
         for b in candidates if len(candidates) > 1 else []:
             after = trial(mask(removed - {b}))
-            if after is None or after != failure:
+            if after is None or (after.module, after.op) != (failure.module, failure.op):  # moved on
                 fixed, failure_after = b, after
                 break
         if fixed is None:  # no single block: all of them go back
