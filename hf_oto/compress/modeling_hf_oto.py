@@ -217,6 +217,10 @@ def _make_class(base_name: str) -> type:
     for check in ("_can_set_attn_implementation", "_can_set_experts_implementation"):
         if hasattr(base, check):
             namespace[f"{check}_cached_value"] = bool(getattr(base, check)())
+    # Nor is it remote code: it is the base class's code plus a resize. Transformers would otherwise
+    # skip the base's checkpoint renamings (``lm_head`` stored as ``model.llm.unembed``) on load
+    # only, as the model was saved before its class changed, and leave those weights uninitialised.
+    namespace["is_custom_code"] = classmethod(lambda cls: False)
     cls = type(f"{CLASS_PREFIX}{base_name}", (base,), namespace)
     cls.__qualname__ = cls.__name__
     _share_checkpoint_conversions(base, cls.__name__)
@@ -224,21 +228,15 @@ def _make_class(base_name: str) -> type:
 
 
 def _share_checkpoint_conversions(base: type, name: str) -> None:
-    # Transformers renames some weights between the checkpoint and the model (``lm_head`` stored
-    # as ``model.llm.unembed``), but not for classes defined outside it: saving renames (the model
-    # was built as the base class), loading would not, and the renamed weights would be left
-    # uninitialised. Registering the base class's renamings under this class's name restores them.
+    # A mapping keyed by the base class's name (not its model type) is found only under that name.
     try:
         from transformers import conversion_mapping
     except ImportError:  # releases without checkpoint conversions
         return
     getter = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
     register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
-    if getter is None or register is None:
-        return
-    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
-    mapping = getter(base.__name__) or (getter(model_type) if model_type else None)
-    if mapping is not None:
+    mapping = getter(base.__name__) if getter is not None else None
+    if mapping is not None and register is not None:
         register(name, mapping, overwrite=True)
 
 
