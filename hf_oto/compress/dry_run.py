@@ -179,15 +179,18 @@ def demote_unremovable(model: torch.nn.Module, groups: ZeroInvariantGroups, inpu
         >>> groups = demote_unremovable(model, groups, groups.example_inputs)     # doctest: +SKIP
         >>> [g.reason for g in groups if "compress cannot remove" in g.reason]   # doctest: +SKIP
     """
+    from .core import one_thread
+
     start = time.perf_counter()
-    groups = _demote_rebuilt_buffers(model, groups)
-    prunable = groups.prunable_mask
-    if not prunable.any():
-        return groups
-    try:
-        groups = _demote(model, groups, inputs, prunable)
-    except _CannotCopy as exc:
-        groups.notes.append(str(exc))
+    with one_thread():  # meta tensors compute nothing; threads would only wait on each other
+        groups = _demote_rebuilt_buffers(model, groups)
+        prunable = groups.prunable_mask
+        if not prunable.any():
+            return groups
+        try:
+            groups = _demote(model, groups, inputs, prunable)
+        except _CannotCopy as exc:
+            groups.notes.append(str(exc))
     groups.dry_run_seconds = time.perf_counter() - start
     return groups
 
