@@ -18,6 +18,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .graph.config import GroupConfig
+from .group_slices import (GroupSlice, _outer_of, grid_view, per_position, ragged_width,  # noqa: F401
+                           reduce_except, segment_layout)
+from .group_summary import format_summary
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,6 @@ class ZeroInvariantGroup:
     reason: str
     num_params: int
     exact: bool = True
-
-
-@dataclass
-class GroupSlice:
-    """Positions along ``dim`` of tensor ``tensor`` and the group each one belongs to."""
-
-    tensor: str
-    is_param: bool
-    dim: int
-    index: torch.Tensor
-    group: torch.Tensor
 
 
 @dataclass
@@ -105,6 +97,32 @@ class InputCut:
     group: torch.Tensor
 
 
+@dataclass
+class ExpertRouting:
+    """An experts module whose experts can be removed whole, and where it receives its routing.
+
+    When experts go, the compressed module keeps the router as it is (its rows of removed experts
+    stay, zero), maps each routed expert id to the kept expert's new position, and gives the slots
+    of removed experts a routing weight of zero: every token is routed as in the sparse model,
+    whose removed experts output exactly zero.
+    """
+
+    module: str
+    group: torch.Tensor  # group of each expert, by position along the expert dim (-1: none)
+    index_arg: int | str  # the module's argument holding the routed expert ids (position or name)
+    weight_arg: int | str | None  # its argument holding the routing weights (same shape)
+
+
+def _slice_state(s: GroupSlice) -> dict[str, Any]:
+    state = {"tensor": s.tensor, "is_param": s.is_param, "dim": s.dim, "index": s.index.tolist(),
+             "group": s.group.tolist()}
+    if s.outer is not None:
+        state.update(outer_dim=s.outer_dim, outer=s.outer.tolist())
+    if s.kept:
+        state["kept"] = True
+    return state
+
+
 class ZeroInvariantGroups:
     """The zero-invariant groups of one model, as found by :func:`hf_oto.find_groups`.
 
@@ -139,6 +157,8 @@ class ZeroInvariantGroups:
         unsupported_ops: list[str] | None = None,
         norm_paddings: list[NormPadding] | None = None,
         input_cuts: list[InputCut] | None = None,
+        expert_routings: list["ExpertRouting"] | None = None,
+        notes: list[str] | None = None,
         model_class: str = "",
         example_inputs: Any = None,
         analysis_seconds: float = 0.0,
@@ -153,9 +173,14 @@ class ZeroInvariantGroups:
         self.unsupported_ops = unsupported_ops or []
         self.norm_paddings = norm_paddings or []
         self.input_cuts = input_cuts or []
+        self.expert_routings = expert_routings or []
+        #: What the analysis wants the reader to know (a dry run that could not run, ...).
+        self.notes = notes or []
         self.model_class = model_class
         self.example_inputs = example_inputs
         self.analysis_seconds = analysis_seconds
+        #: Seconds the meta-device dry run of compress took (0 when it did not run).
+        self.dry_run_seconds = 0.0
         self._index()
 
     def _index(self) -> None:
@@ -169,9 +194,10 @@ class ZeroInvariantGroups:
         self._param_slices = [(pos[s.tensor], s) for s in self.slices if s.is_param]
         #: Slices whose positions cover their whole dimension: removing all their groups would
         #: leave that dimension empty.
-        self.covering_slices = [s for s in self.slices
-                                if s.index.unique().numel() == self.tensor_shapes[s.tensor][s.dim]]
+        self.covering_slices = [s for s in self.slices if not s.kept and s.flat_index(
+            self.tensor_shapes[s.tensor]).unique().numel() == s.grid_size(self.tensor_shapes[s.tensor])]
         self._device_cache: dict[torch.device, list[tuple[int, GroupSlice]]] = {}
+        self._covering = None
 
     # -- container protocol ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -190,6 +216,11 @@ class ZeroInvariantGroups:
     @property
     def prunable_mask(self) -> torch.Tensor:
         return torch.tensor([g.prunable for g in self.groups], dtype=torch.bool)
+
+    @property
+    def exact_mask(self) -> torch.Tensor:
+        """Groups whose removal (when zero) leaves every output unchanged."""
+        return torch.tensor([g.exact for g in self.groups], dtype=torch.bool)
 
     @property
     def num_prunable(self) -> int:
@@ -226,7 +257,8 @@ class ZeroInvariantGroups:
     def _slices_on(self, device: torch.device) -> list[tuple[int, GroupSlice]]:
         cached = self._device_cache.get(device)
         if cached is None:
-            cached = [(i, GroupSlice(s.tensor, s.is_param, s.dim, s.index.to(device), s.group.to(device)))
+            cached = [(i, GroupSlice(s.tensor, s.is_param, s.dim, s.flat_index(self.tensor_shapes[s.tensor]).to(device),
+                                     s.group.to(device), s.outer_dim, None, s.kept))
                       for i, s in self._param_slices]
             self._device_cache[device] = cached
         return cached
@@ -236,10 +268,8 @@ class ZeroInvariantGroups:
         """Squared L2 norm of every group, gathered across all the tensors it spans."""
         device = tensors[0].device if tensors else torch.device("cpu")
         out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
-        for i, s in self._slices_on(device):
-            t = tensors[i]
-            other = [d for d in range(t.dim()) if d != s.dim]
-            red = torch.linalg.vector_norm(t.float(), 2, dim=other) if other else t.float().abs()
+        for i, s in self._slices_on(device):  # these slices hold flat positions over s.dims
+            red = reduce_except(tensors[i].float(), s.dims, norm=True)
             out.index_add_(0, s.group, red.square()[s.index])
         return out
 
@@ -251,20 +281,25 @@ class ZeroInvariantGroups:
         device = a[0].device if a else torch.device("cpu")
         out = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
         for i, s in self._slices_on(device):
-            prod = a[i].float() * b[i].float()
-            other = [d for d in range(prod.dim()) if d != s.dim]
-            red = prod.sum(dim=other) if other else prod
+            red = reduce_except(a[i].float() * b[i].float(), s.dims)
             out.index_add_(0, s.group, red[s.index])
         return out
 
     def multipliers(self, factors: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
-        """Per parameter, the (dim, vector) multipliers that scale each group by ``factors[g]``."""
+        """Per parameter, (dim, multiplier) pairs that scale each group by ``factors[g]``: a vector
+        along ``dim``, or for per-expert slices a tensor already shaped to broadcast."""
         device = factors.device
         per_param: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.param_names]
         for i, s in self._slices_on(device):
-            n = self.tensor_shapes[s.tensor][s.dim]
-            vec = torch.ones(n, dtype=factors.dtype, device=device)
+            shape = self.tensor_shapes[s.tensor]
+            vec = torch.ones(s.grid_size(shape), dtype=factors.dtype, device=device)
             vec[s.index] = factors[s.group]
+            if s.outer_dim is not None:
+                grid = vec.view([shape[d] for d in s.dims])
+                view = [1] * len(shape)
+                for d in s.dims:
+                    view[d] = shape[d]
+                vec = grid.permute([s.dims.index(d) for d in sorted(s.dims)]).reshape(view)
             per_param[i].append((s.dim, vec))
         return per_param
 
@@ -273,9 +308,11 @@ class ZeroInvariantGroups:
         """In place: multiply every entry of group g by ``factors[g]`` (overlaps get the product)."""
         for t, mults in zip(tensors, self.multipliers(factors.to(tensors[0].device))):
             for dim, vec in mults:
-                shape = [1] * t.dim()
-                shape[dim] = -1
-                t.mul_(vec.to(t.dtype).view(shape))
+                if vec.dim() == 1:
+                    shape = [1] * t.dim()
+                    shape[dim] = -1
+                    vec = vec.view(shape)
+                t.mul_(vec.to(t.dtype))
 
     @torch.no_grad()
     def zero_(self, tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
@@ -295,15 +332,19 @@ class ZeroInvariantGroups:
         code that infers a head count with ``-1``; keeping one all-zero group is exact.
         """
         remove = remove.bool().cpu().clone()
-        while True:
-            changed = False
-            for s in self.covering_slices:
-                if not remove[s.group].all():
-                    continue
-                remove[s.group[0]] = False
-                changed = True
-            if not changed:
-                return remove
+        if not self.covering_slices:
+            return remove
+        if self._covering is None:
+            members = [s.group.unique() for s in self.covering_slices]
+            self._covering = (members, torch.cat(members),
+                              torch.arange(len(members)).repeat_interleave(torch.tensor([m.numel() for m in members])))
+        members, flat, segment = self._covering
+        # Only dims whose groups are all removed can empty; keeping a group never empties another.
+        kept = torch.zeros(len(members), dtype=torch.long).index_add_(0, segment, (~remove[flat]).long())
+        for i in (kept == 0).nonzero().flatten().tolist():
+            if remove[members[i]].all():
+                remove[self.covering_slices[i].group[0]] = False
+        return remove
 
     def padded_norms(self, remove: torch.Tensor) -> dict[str, tuple[int, int, torch.Tensor]]:
         """Norm modules that lose positions: module -> (dim, full size, kept positions)."""
@@ -334,12 +375,17 @@ class ZeroInvariantGroups:
     def removal_plan(self, remove: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
         """For every tensor that shrinks: dim -> sorted positions to keep.
 
-        The tensors of padded norm modules keep their full width (see :class:`NormPadding`).
+        The tensors of padded norm modules keep their full width (see :class:`NormPadding`), and
+        ``kept`` slices (router rows) stay. A dim holding per-expert slices keeps a different set
+        of positions per expert (:meth:`ragged_plan`), zero-padded to the widest expert: here it
+        maps to ``arange(width)`` (see :func:`ragged_width`), which gives the right sizes and counts.
         """
         remove = remove.bool().cpu()
         padded = {m + "." for m in self.padded_norms(remove)}
         plan: dict[str, dict[int, torch.Tensor]] = {}
         for s in self.slices:
+            if s.kept or s.outer is not None:
+                continue
             if padded and any(s.tensor.startswith(m) and "." not in s.tensor[len(m):] for m in padded):
                 continue
             drop = s.index[remove[s.group]]
@@ -354,7 +400,37 @@ class ZeroInvariantGroups:
                 prev[dims[s.dim]] = True
                 keep &= prev
             dims[s.dim] = keep.nonzero().flatten()
+        for name, (outer_dim, dim, per_outer) in self.ragged_plan(remove, plan).items():
+            plan.setdefault(name, {})[dim] = torch.arange(ragged_width(per_outer, self.tensor_shapes[name][dim]))
         return plan
+
+    def ragged_plan(self, remove: torch.Tensor, plan: dict[str, dict[int, torch.Tensor]] | None = None,
+                    ) -> dict[str, tuple[int, int, list[torch.Tensor]]]:
+        """Per-expert slices that lose positions: tensor -> (expert dim, dim, per kept expert an
+        ``[n, k]`` matrix of positions along ``dim``: one row per kept neuron (in group order), one
+        column per segment). A dim the model splits in ``k`` equal chunks (``gate_up.chunk(2)``)
+        has ``k`` segments; each is cut and zero-padded on its own (see :func:`ragged_width`).
+        Experts removed whole (``plan``) are left out."""
+        remove = remove.bool().cpu()
+        out: dict[str, tuple[int, int, list[torch.Tensor]]] = {}
+        for s in self.slices:
+            if s.outer is None or not remove[s.group].any():
+                continue
+            shape = self.tensor_shapes[s.tensor]
+            layout = segment_layout(s.index, s.group, shape[s.dim])
+            if layout is None:
+                raise ValueError(f"per-expert slice of {s.tensor} (dim {s.dim}) has no segment layout")
+            groups, positions = layout
+            outer = _outer_of(s, groups)
+            keep = ~remove[groups]
+            out[s.tensor] = (s.outer_dim, s.dim, [positions[keep & (outer == e)] for e in range(shape[s.outer_dim])])
+        if plan is None:
+            plan = self.removal_plan(remove) if out else {}
+        for name, (outer_dim, dim, per_outer) in out.items():
+            experts = plan.get(name, {}).get(outer_dim)
+            if experts is not None:
+                out[name] = (outer_dim, dim, [per_outer[int(e)] for e in experts])
+        return out
 
     def removed_param_count(self, remove: torch.Tensor) -> int:
         """Parameter entries that disappear when the groups in ``remove`` are cut."""
@@ -401,29 +477,13 @@ class ZeroInvariantGroups:
 
     # -- reporting ---------------------------------------------------------------------------
     def summary(self) -> str:
-        """A table per layer and kind: how many groups, how many prunable, and why not."""
-        rows: dict[tuple[str, str], list[ZeroInvariantGroup]] = {}
-        for g in self.groups:
-            rows.setdefault((g.layer, g.kind), []).append(g)
-        lines = [f"{self.model_class or 'model'}: {len(self)} zero-invariant groups, "
-                 f"{self.num_prunable} prunable (analysis {self.analysis_seconds:.2f}s)"]
-        header = f"{'layer':<48} {'kind':<8} {'groups':>7} {'prunable':>8}  note"
-        lines += [header, "-" * len(header)]
-        for (layer, kind), gs in rows.items():
-            n_ok = sum(g.prunable for g in gs)
-            reasons = sorted({g.reason for g in gs if not g.prunable})
-            note = "; ".join(reasons)
-            if any(not g.exact for g in gs if g.prunable):
-                note = (note + "; " if note else "") + "approximate: normalised dimension"
-            lines.append(f"{layer or '<model>':<48} {kind:<8} {len(gs):>7} {n_ok:>8}  {note}")
-        if self.unprunable_tensors:
-            lines += ["", "parameters with no prunable structure:"]
-            for name, why in self.unprunable_tensors.items():
-                lines.append(f"  {name}: {why}")
-        if self.unsupported_ops:
-            lines += ["", "ops the analysis did not understand (their structures are unprunable):"]
-            lines += [f"  {op}" for op in self.unsupported_ops]
-        return "\n".join(lines)
+        """Per layer, how many heads / neurons / experts / channels are prunable, and for the rest why not.
+
+        Layers are the repeated blocks of the model (``model.layers.3``); consecutive blocks with
+        the same counts share one row (``model.layers.0-31``), and every reason is printed once
+        with the blocks it applies to, so a 32-layer model reads in a screen.
+        """
+        return format_summary(self)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{kind: {"total": n, "prunable": m}}``."""
@@ -441,8 +501,7 @@ class ZeroInvariantGroups:
             "model_class": self.model_class,
             "config": self.config.to_dict(),
             "groups": [asdict(g) for g in self.groups],
-            "slices": [{"tensor": s.tensor, "is_param": s.is_param, "dim": s.dim,
-                        "index": s.index.tolist(), "group": s.group.tolist()} for s in self.slices],
+            "slices": [_slice_state(s) for s in self.slices],
             "tensor_shapes": {k: list(v) for k, v in self.tensor_shapes.items()},
             "tensor_aliases": self.tensor_aliases,
             "bindings": [{"module": b.module, "attribute": b.attribute, "value": b.value,
@@ -454,6 +513,9 @@ class ZeroInvariantGroups:
                               for p in self.norm_paddings],
             "input_cuts": [{"module": c.module, "position": c.position, "name": c.name, "dim": c.dim,
                             "group": c.group.tolist()} for c in self.input_cuts],
+            "expert_routings": [{"module": r.module, "group": r.group.tolist(), "index_arg": r.index_arg,
+                                 "weight_arg": r.weight_arg} for r in self.expert_routings],
+            "notes": self.notes,
         }
 
     @classmethod
@@ -463,7 +525,8 @@ class ZeroInvariantGroups:
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return cls(
             groups=[ZeroInvariantGroup(**g) for g in state["groups"]],
-            slices=[GroupSlice(s["tensor"], s["is_param"], s["dim"], long(s["index"]), long(s["group"]))
+            slices=[GroupSlice(s["tensor"], s["is_param"], s["dim"], long(s["index"]), long(s["group"]),
+                               s.get("outer_dim"), long(s["outer"]) if "outer" in s else None, s.get("kept", False))
                     for s in state["slices"]],
             tensor_shapes={k: tuple(v) for k, v in state["tensor_shapes"].items()},
             tensor_aliases=state["tensor_aliases"],
@@ -476,6 +539,9 @@ class ZeroInvariantGroups:
                            for p in state.get("norm_paddings", [])],
             input_cuts=[InputCut(c["module"], c["position"], c["name"], c["dim"], long(c["group"]))
                         for c in state.get("input_cuts", [])],
+            expert_routings=[ExpertRouting(r["module"], long(r["group"]), r["index_arg"], r["weight_arg"])
+                             for r in state.get("expert_routings", [])],
+            notes=state.get("notes", []),
             model_class=state["model_class"],
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Sequence
@@ -10,13 +11,21 @@ import torch
 from torch import nn
 
 from ..graph.inputs import call_with
-from ..groups import ZeroInvariantGroups
+from ..groups import ZeroInvariantGroups, ragged_width
+from .locate import run_located
 from .manifest import update_manifest
-from .modeling_hf_oto import cut_inputs, pad_norm
+from .modeling_hf_oto import cut_inputs, pad_norm, route_experts
 
 
 class CompressionError(ValueError):
-    """The compressed model cannot be built, or does not reproduce the sparse model."""
+    """The compressed model cannot be built, or does not reproduce the sparse model.
+
+    ``module`` names the module where it failed, when one is known.
+    """
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
 
 
 def compress(
@@ -75,38 +84,87 @@ def compress(
             g = groups[int(blocked.nonzero()[0])]
             raise CompressionError(f"group {g.index} ({g.kind} in {g.layer}) is not prunable: {g.reason}")
         check = False
-    inexact = [g for g in groups if remove[g.index] and not g.exact]
+    inexact = int((remove & ~groups.exact_mask).sum())
     if inexact and check:
-        warnings.warn(f"{len(inexact)} removed groups are normalised by ops that cannot run padded (see "
+        warnings.warn(f"{inexact} removed groups are normalised by ops that cannot run padded (see "
                       "ZeroInvariantGroup.exact): outputs change slightly, so the exactness check is skipped",
                       stacklevel=2)
         check = False
 
-    remove = groups.feasible_removal(remove)
-    plan = groups.removal_plan(remove)
-    paddings = groups.padded_norms(remove)
-    cuts = groups.cut_inputs(remove)
-    attribute_updates = _binding_updates(groups, remove)
+    with one_thread():
+        remove = groups.feasible_removal(remove)
+        plan = groups.removal_plan(remove)
+        ragged = groups.ragged_plan(remove, plan)
+        routes = _expert_routes(groups, remove)
+        paddings = groups.padded_norms(remove)
+        cuts = groups.cut_inputs(remove)
+        attribute_updates = _binding_updates(groups, remove)
     reference = _run(model, groups.example_inputs) if check and groups.example_inputs is not None else None
 
     target = model if inplace else copy.deepcopy(model)
-    shapes = _slice_tensors(target, plan, groups)
+    shapes = _slice_tensors(target, plan, groups, ragged)
     attribute_updates = _merge(attribute_updates, _standard_attributes(target, plan, groups))
     for path, attrs in attribute_updates.items():
-        module = target.get_submodule(path)
         for attr, value in attrs.items():
-            setattr(module, attr, value)
+            with _building(path, f"setting attribute '{attr}' to {value!r}"):
+                setattr(target.get_submodule(path), attr, value)
     padding_specs = {}
     for path, (dim, size, kept) in paddings.items():
-        pad_norm(target.get_submodule(path), dim, size, kept)
+        with _building(path, "padding its norm"):
+            pad_norm(target.get_submodule(path), dim, size, kept)
         padding_specs[path] = {"dim": dim, "size": size, "kept": kept.tolist()}
     for path, specs in cuts.items():
-        cut_inputs(target.get_submodule(path), specs)
-    update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs, inputs=cuts)
+        with _building(path, "cutting its inputs to the kept heads"):
+            cut_inputs(target.get_submodule(path), specs)
+    for path, spec in routes.items():
+        with _building(path, "remapping its routing"):
+            route_experts(target.get_submodule(path), **spec)
+    with _building("", "recording the structure manifest"):
+        update_manifest(target, shapes=shapes, attributes=attribute_updates, paddings=padding_specs,
+                        inputs=cuts, experts=routes)
 
     if reference is not None:
-        _verify(reference, _run(target, groups.example_inputs), rtol)
+        _verify(reference, _run_checked(target, groups.example_inputs), rtol)
     return target
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run small index bookkeeping on one thread: on a busy machine, every parallel region of
+    torch's CPU kernels can wait a scheduler tick for a descheduled worker (seen: 1 s instead of
+    25 ms for the removal plan of a 7B model with two threads on two loaded cores)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _building(module: str, what: str):
+    """Anything that goes wrong while shrinking ``module`` is a CompressionError naming it."""
+    try:
+        yield
+    except CompressionError:
+        raise
+    except Exception as exc:
+        raise CompressionError(f"cannot shrink module '{module or '<model>'}' ({what}): "
+                               f"{type(exc).__name__}: {exc}", module) from exc
+
+
+def _run_checked(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """The compressed model's outputs; a CompressionError naming the module and op if it fails."""
+    result: list[list[torch.Tensor]] = []
+    failure = run_located(model, lambda: result.append(_run(model, inputs)))
+    if failure is not None:
+        raise CompressionError(f"the compressed model does not run: {failure}. The analysis missed a "
+                               "size this module depends on: please report it, and exclude the layer "
+                               "with GroupConfig.exclude meanwhile", failure.module)
+    return result[0]
 
 
 @torch.no_grad()
@@ -153,42 +211,80 @@ def _binding_updates(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[
         kept = int(((b.group < 0) | ~remove[b.group.clamp(min=0)]).sum())
         if kept % b.divisor:
             raise CompressionError(f"attribute '{b.attribute}' of '{b.module}' counts units of {b.divisor} "
-                                   f"positions but {kept} positions remain")
+                                   f"positions but {kept} positions remain", b.module)
         wanted.setdefault((b.module, b.attribute), set()).add(b.sign * kept // b.divisor + b.offset)
     updates: dict[str, dict[str, Any]] = {}
     for (module, attr), values in wanted.items():
         if len(values) > 1:
             raise CompressionError(f"attribute '{attr}' of module '{module}' would need the values "
-                                   f"{sorted(values)} at once; remove groups consistently")
+                                   f"{sorted(values)} at once; remove groups consistently", module)
         updates.setdefault(module, {})[attr] = values.pop()
     return updates
 
 
+def _expert_routes(groups: ZeroInvariantGroups, remove: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """Experts modules losing whole experts: the routing remap each needs (see ``route_experts``)."""
+    routes = {}
+    for r in groups.expert_routings:
+        gone = (r.group >= 0) & remove[r.group.clamp(min=0)]
+        if gone.any():
+            routes[r.module] = {"kept": (~gone).nonzero().flatten().tolist(), "size": r.group.numel(),
+                                "index_arg": r.index_arg, "weight_arg": r.weight_arg}
+    return routes
+
+
+def _ragged(data: torch.Tensor, outer_dim: int, dim: int, per_outer: list[torch.Tensor]) -> torch.Tensor:
+    """Per expert and per segment of ``dim``: the kept positions first, then zeros up to the
+    common width, so that every expert keeps one width (see ``ragged_width``)."""
+    k = per_outer[0].shape[1] if per_outer else 1
+    width = ragged_width(per_outer, data.shape[dim]) // k
+    moved = data.movedim((outer_dim, dim), (0, 1))
+    out = moved.new_zeros((moved.shape[0], k, width) + tuple(moved.shape[2:]))
+    for e, positions in enumerate(per_outer):
+        n = positions.shape[0]
+        out[e, :, :n] = moved[e][positions.t().to(data.device)]
+    out = out.flatten(1, 2)
+    return out.movedim((0, 1), (outer_dim, dim))
+
+
 def _slice_tensors(model: nn.Module, plan: dict[str, dict[int, torch.Tensor]],
-                   groups: ZeroInvariantGroups) -> dict[str, list[int]]:
+                   groups: ZeroInvariantGroups, ragged=None) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
+    ragged = ragged or {}
     for name, dims in plan.items():
-        module_path, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        old = getattr(module, leaf)
-        with torch.no_grad():
-            data = old.detach()
-            for dim, keep in sorted(dims.items()):
+        with _building(name.rpartition(".")[0], f"slicing {name}"):
+            shapes.update(_slice_tensor(model, name, dims, groups, ragged.get(name)))
+    return shapes
+
+
+def _slice_tensor(model: nn.Module, name: str, dims: dict[int, torch.Tensor], groups: ZeroInvariantGroups,
+                  per_expert) -> dict[str, list[int]]:
+    """Slice one tensor (and its tied aliases) to the kept positions; its new shape per name."""
+    shapes: dict[str, list[int]] = {}
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    old = getattr(module, leaf)
+    with torch.no_grad():
+        data = old.detach()
+        for dim, keep in sorted(dims.items()):
+            if per_expert is None or dim != per_expert[1]:
                 data = data.index_select(dim, keep.to(data.device))
-            data = data.clone()
-        if isinstance(old, nn.Parameter):
-            new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+        if per_expert is not None:
+            data = _ragged(data, *per_expert)
+        data = data.clone(memory_format=torch.contiguous_format)
+    if isinstance(old, nn.Parameter):
+        new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+    else:
+        new = data
+    for alias in groups.tensor_aliases.get(name, [name]):
+        apath, _, aleaf = alias.rpartition(".")
+        amodule = model.get_submodule(apath)
+        if isinstance(new, nn.Parameter):
+            setattr(amodule, aleaf, new)
         else:
-            new = data
-        for alias in groups.tensor_aliases.get(name, [name]):
-            apath, _, aleaf = alias.rpartition(".")
-            amodule = model.get_submodule(apath)
-            if isinstance(new, nn.Parameter):
-                setattr(amodule, aleaf, new)
-            else:
-                persistent = aleaf not in amodule._non_persistent_buffers_set
-                amodule.register_buffer(aleaf, new, persistent=persistent)
-            shapes[alias] = list(new.shape)
+            persistent = aleaf not in amodule._non_persistent_buffers_set
+            amodule.register_buffer(aleaf, new, persistent=persistent)
+        shapes[alias] = list(new.shape)
     return shapes
 
 

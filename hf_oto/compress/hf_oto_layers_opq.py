@@ -172,7 +172,9 @@ class OPQLayer(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The dense weight the layer computes with (cached until a buffer changes)."""
         tensors = (self.codes, self.mask, self.codebook, self.scales, self.outlier_index, self.outlier_value)
-        key = (self.codes.device,) + tuple((id(t), t._version) for t in tensors)
+        # The data pointer too: loading can swap a buffer's storage (``t.data = ...``) without a
+        # new version, after something read ``.weight`` on the freshly built layer.
+        key = (self.codes.device,) + tuple((id(t), t._version, t.data_ptr()) for t in tensors)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         mask = self.kept_mask()

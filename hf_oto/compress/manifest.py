@@ -22,6 +22,7 @@ def get_manifest(model: nn.Module) -> dict[str, Any]:
         "attributes": {k: dict(v) for k, v in found.get("attributes", {}).items()},
         "paddings": {k: dict(v) for k, v in found.get("paddings", {}).items()},
         "inputs": {k: [dict(spec) for spec in v] for k, v in found.get("inputs", {}).items()},
+        "experts": {k: dict(v) for k, v in found.get("experts", {}).items()},
     }
 
 
@@ -33,11 +34,13 @@ def update_manifest(
     modules: dict[str, nn.Module] | None = None,
     paddings: dict[str, dict[str, Any]] | None = None,
     inputs: dict[str, list[dict[str, Any]]] | None = None,
+    experts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge changes into the model's manifest and store it where saving finds it.
 
     ``paddings`` maps norm modules to ``{"dim", "size", "kept"}`` (see ``pad_norm``); ``inputs``
-    maps modules to the arguments they cut to their kept heads (see ``cut_inputs``).
+    maps modules to the arguments they cut to their kept heads (see ``cut_inputs``); ``experts``
+    maps experts modules to ``{"kept", "size", "index_arg", "weight_arg"}`` (see ``route_experts``).
     ``modules`` maps module paths to layers already set in the model; their classes must be
     registered in ``hf_oto_layers.LAYER_TYPES`` so that loading can rebuild them. Shapes and
     attributes recorded earlier for a replaced module are dropped. Transformers models switch to
@@ -61,6 +64,7 @@ def update_manifest(
     manifest["shapes"].update(shapes or {})
     manifest["paddings"].update(paddings or {})
     manifest["inputs"].update(inputs or {})
+    manifest["experts"].update(experts or {})
     for path, attrs in (attributes or {}).items():
         manifest["attributes"].setdefault(path, {}).update(
             {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()})

@@ -7,8 +7,9 @@ loads it in a fresh process, and ``hf_oto.from_pretrained(path)`` uses the insta
 The manifest, stored in ``config.json`` under ``hf_oto_manifest``, lists the layers replaced by
 new layer types (``modules``), the new shape of every resized tensor (``shapes``), the new
 value of every changed module attribute (``attributes``), the norm layers that run at their
-original width on zero-padded inputs (``paddings``) and the module arguments computed for every head
-of which a module keeps only its own heads' positions (``inputs``). A ``HfOto<Base>`` class builds
+original width on zero-padded inputs (``paddings``), the module arguments computed for every head
+of which a module keeps only its own heads' positions (``inputs``) and the experts modules that lost
+whole experts, whose routing is remapped (``experts``). A ``HfOto<Base>`` class builds
 ``<Base>`` from its config as usual, then resizes the tensors and sets the attributes, so that the
 checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes``).
 """
@@ -102,6 +103,37 @@ def cut_inputs(module: torch.nn.Module, specs: list[dict[str, Any]]) -> None:
     if not getattr(module, "_hf_oto_cut", False):
         module.register_forward_pre_hook(_cut_arguments, with_kwargs=True)
         module._hf_oto_cut = True
+def _routing_table(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    cache = module.__dict__.setdefault("_hf_oto_route_cache", {})
+    if device not in cache:
+        cache[device] = torch.tensor(module._hf_oto_expert_map, dtype=torch.long, device=device)
+    return cache[device]
+
+
+def _remap_routing(module: torch.nn.Module, args: tuple) -> tuple:
+    # The router still picks among all its experts; a removed expert output exactly zero in the
+    # trained model, so its slot gets weight zero (and any kept expert's id, to stay in range).
+    args = list(args)
+    ids, weights = args[module._hf_oto_index_arg], args[module._hf_oto_weight_arg]
+    new = _routing_table(module, ids.device)[ids]
+    args[module._hf_oto_index_arg] = new.clamp(min=0)
+    args[module._hf_oto_weight_arg] = weights.masked_fill(new < 0, 0)
+    return tuple(args)
+
+
+def route_experts(module: torch.nn.Module, kept: Any, size: int, index_arg: int, weight_arg: int) -> None:
+    """Let an experts module that kept only the experts ``kept`` (of ``size``) take the routing of
+    the full router: expert ids are remapped to the kept experts' positions, removed ones weigh 0."""
+    table = [-1] * int(size)
+    for position, expert in enumerate(kept):
+        table[int(expert)] = position
+    module._hf_oto_expert_map = table
+    module.__dict__.pop("_hf_oto_route_cache", None)
+    module._hf_oto_index_arg = int(index_arg)
+    module._hf_oto_weight_arg = int(weight_arg)
+    if not getattr(module, "_hf_oto_routed", False):
+        module.register_forward_pre_hook(_remap_routing)
+        module._hf_oto_routed = True
 
 
 def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -> torch.nn.Module:
@@ -141,6 +173,9 @@ def apply_structure_manifest(model: torch.nn.Module, manifest: dict[str, Any]) -
         pad_norm(model.get_submodule(module_path), spec["dim"], spec["size"], spec["kept"])
     for module_path, specs in manifest.get("inputs", {}).items():
         cut_inputs(model.get_submodule(module_path), specs)
+    for module_path, spec in manifest.get("experts", {}).items():
+        route_experts(model.get_submodule(module_path), spec["kept"], spec["size"], spec["index_arg"],
+                      spec["weight_arg"])
     return model
 
 
@@ -209,15 +244,40 @@ def _make_class(base_name: str) -> type:
         self.config.auto_map = {auto: reference for auto in autos}
         return base.save_pretrained(self, save_directory, *args, **kwargs)
 
-    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), {
+    namespace = {
         "__init__": __init__,
         "from_pretrained": classmethod(from_pretrained),
         "save_pretrained": save_pretrained,
         "__module__": __name__,
         "__doc__": f"{base_name} with the per-layer sizes of an hf_oto structure manifest.",
-    })
+    }
+    # Transformers decides whether a class may pick its attention / experts implementation by reading
+    # the source of the class's module: this file's would say no, and a reloaded mixture of experts
+    # would run its experts in the eager loop (other sums) instead of the base class's grouped_mm.
+    for check in ("_can_set_attn_implementation", "_can_set_experts_implementation"):
+        if hasattr(base, check):
+            namespace[f"{check}_cached_value"] = bool(getattr(base, check)())
+    # Nor is it remote code: it is the base class's code plus a resize. Transformers would otherwise
+    # skip the base's checkpoint renamings (``lm_head`` stored as ``model.llm.unembed``) on load
+    # only, as the model was saved before its class changed, and leave those weights uninitialised.
+    namespace["is_custom_code"] = classmethod(lambda cls: False)
+    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), namespace)
     cls.__qualname__ = cls.__name__
+    _share_checkpoint_conversions(base, cls.__name__)
     return cls
+
+
+def _share_checkpoint_conversions(base: type, name: str) -> None:
+    # A mapping keyed by the base class's name (not its model type) is found only under that name.
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # releases without checkpoint conversions
+        return
+    getter = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
+    register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
+    mapping = getter(base.__name__) if getter is not None else None
+    if mapping is not None and register is not None:
+        register(name, mapping, overwrite=True)
 
 
 _CLASSES: dict[str, type] = {}

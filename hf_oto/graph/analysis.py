@@ -16,11 +16,13 @@ from .compute_rules import unsupported
 from .config import GroupConfig
 from .entries import resolve_entries
 from .inputs import call_with, default_example_inputs
+from .moe_rules import EXPERT, EXPERT_LOCAL, RoutingTracker, finish_groups
+from .moe_rules import RULES as MOE_RULES
 from .shape_rules import RULES as SHAPE_RULES
 from .sizes import bind_sizes
 from .trace import ChannelTracer, TraceResult
 
-RULES = {**SHAPE_RULES, **COMPUTE_RULES}
+RULES = {**SHAPE_RULES, **COMPUTE_RULES, **MOE_RULES}
 
 
 def find_groups(
@@ -56,11 +58,19 @@ def find_groups(
     model.eval()
     try:
         with torch.no_grad():
-            trace = ChannelTracer(model, RULES, unsupported).run(lambda: call_with(model, inputs))
+            tracer = ChannelTracer(model, RULES, unsupported)
+            tracer.routing = RoutingTracker(tracer)
+            trace = tracer.run(lambda: tracer.routing.run(lambda: call_with(model, inputs)))
+            tracer.routing.finish_trace()
+            trace.routing = tracer.routing
     finally:
         model.train(was_training)
     groups = build_groups(trace, config, type(model).__name__)
     groups.example_inputs = inputs
+    if config.dry_run:
+        from ..compress.dry_run import demote_unremovable  # compress builds on the groups: import late
+
+        groups = demote_unremovable(model, groups, inputs)
     groups.analysis_seconds = time.perf_counter() - start
     return groups
 
@@ -203,7 +213,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             unprunable_tensors.setdefault(f"{o.tensor} (dim {o.dim})", reason)
 
     sizes = _group_sizes(counts_per_param, trace, candidates.size)
-    mixed, heads, convs, embeds = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED))
+    mixed, heads, convs, embeds, experts = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED, EXPERT))
     excluded = [re.compile(p) for p in config.exclude]
     groups: list[ZeroInvariantGroup] = []
     for g, comp in enumerate(candidates.tolist()):
@@ -211,7 +221,9 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         # stream is what the embeddings write, or what norms in several modules normalise; a
         # width normalised by one module only (a norm inside an MLP, ConvNeXt V2's GRN) keeps its
         # kind and is exact only where that module can run padded.
-        if comp in heads:
+        if comp in experts:
+            kind = "expert"  # its router rows stay, so the softmax over them changes nothing
+        elif comp in heads:
             kind = "head"
         elif comp in embeds or normalising_modules.get(comp, 0) > 1:
             kind = "hidden"
@@ -229,7 +241,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if not reason and any(p.search(layer) for p in excluded):
             reason = "excluded by GroupConfig.exclude"
         groups.append(ZeroInvariantGroup(g, kind, layer, not reason, reason, int(sizes[g]),
-                                         exact=comp not in inexact_comps))
+                                         exact=comp in experts or comp not in inexact_comps))
 
     bindings = []
     for b in bound:
@@ -250,12 +262,18 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             input_cuts.append(InputCut(cut.module, cut.position, cut.name, cut.dim, torch.from_numpy(gids)))
 
     shapes = {name: tuple(_shape_of(trace, name)) for name in trace.tensor_atoms}
-    return ZeroInvariantGroups(
+    result = ZeroInvariantGroups(
         groups, slices, shapes, {k: v for k, v in trace.tensor_names.items()},
         config=config, bindings=bindings, unprunable_tensors=unprunable_tensors, norm_paddings=norm_paddings,
         input_cuts=input_cuts,
         unsupported_ops=list(trace.unsupported), model_class=model_class,
     )
+    routing = getattr(trace, "routing", None)
+    if routing is not None:
+        local = flags.get(EXPERT_LOCAL, {})
+        result = finish_groups(result, trace, routing, roots, gid_of,
+                               {g for g, comp in enumerate(candidates.tolist()) if comp in local})
+    return result
 
 
 def _shape_of(trace: TraceResult, name: str) -> tuple[int, ...]:

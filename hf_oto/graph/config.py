@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..config_mixin import JsonConfigMixin
 
 #: Structure kinds the analysis can report. ``hidden`` is the residual stream / embedding width.
-GROUP_KINDS = ("head", "neuron", "channel", "hidden")
+GROUP_KINDS = ("head", "neuron", "channel", "hidden", "expert")
 
 
 @dataclass
@@ -25,7 +25,15 @@ class GroupConfig(JsonConfigMixin):
             by default: every LayerNorm averages over this width, so the compressed model keeps
             it exact by running its norms on a zero-padded input (hooks recorded in the
             manifest), which costs a little at inference.
+        prune_experts: whole experts of mixture-of-experts layers (the expert's slice of every
+            expert tensor, with its router row). Off by default: the compressed model keeps the
+            router's rows (zero) and remaps the routing, so that outputs stay exact. Each
+            expert's FFN neurons are groups of kind ``neuron`` either way.
         exclude: regular expressions; a group whose layer name matches one is kept unprunable.
+        dry_run: after the analysis, compress a meta-device copy of the model (no memory) with
+            every prunable group removed and run it; groups whose removal breaks a shape become
+            unprunable, with a warning naming the module and op (see
+            :func:`hf_oto.compress.dry_run.demote_unremovable`).
 
     Example:
         >>> cfg = GroupConfig(prune_hidden=False, exclude=[r"encoder\\.layer\\.0\\."])
@@ -37,7 +45,9 @@ class GroupConfig(JsonConfigMixin):
     prune_neurons: bool = True
     prune_channels: bool = True
     prune_hidden: bool = False
+    prune_experts: bool = False
     exclude: list[str] = field(default_factory=list)
+    dry_run: bool = True
 
     config_label = "GroupConfig fields"
 
@@ -47,5 +57,6 @@ class GroupConfig(JsonConfigMixin):
             "neuron": self.prune_neurons,
             "channel": self.prune_channels,
             "hidden": self.prune_hidden,
+            "expert": self.prune_experts,
         }.get(kind, False)
 

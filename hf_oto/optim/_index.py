@@ -12,18 +12,19 @@ each tensor in :func:`update_with_rows_`: no Python loop per group.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..groups import ZeroInvariantGroups
+from ..groups import ZeroInvariantGroups, grid_view, reduce_except
 
 
 @dataclass
 class _Slice:
     param: int            # index into ``groups.param_names``
-    dim: int
+    dim: int | tuple[int, int]  # a tuple for per-expert slices: positions index the flattened grid
     index: torch.Tensor   # positions along ``dim`` (on the parameter's device)
     group: torch.Tensor   # group of each position (on the parameter's device)
     size: int             # length of ``dim``
@@ -62,10 +63,12 @@ class PrunableIndex:
             if not keep.any():
                 continue
             dev = params[i].device
-            index, group = s.index[keep], s.group[keep]
+            shape = groups.tensor_shapes[s.tensor]
+            index, group = s.flat_index(shape)[keep], s.group[keep]
             order = torch.sort(group, stable=True).indices
             seg_groups, seg_lengths = torch.unique_consecutive(group[order], return_counts=True)
-            self.slices.append(_Slice(i, s.dim, index.to(dev), group.to(dev), groups.tensor_shapes[s.tensor][s.dim],
+            dim = s.dim if s.outer_dim is None else s.dims
+            self.slices.append(_Slice(i, dim, index.to(dev), group.to(dev), s.grid_size(shape),
                                       index[order].to(dev), seg_groups.to(device), seg_lengths.to(dev)))
         # A slice whose positions cover its whole dimension empties that dimension when all its
         # groups are removed; selections must avoid that (see ``emptied``). Non-prunable groups
@@ -132,7 +135,7 @@ class PrunableIndex:
         for i, dim, idx, _, _ in where.slices:
             t = tensors[i]
             if t is not None:
-                t.index_fill_(dim, idx, value)
+                fill_positions_(t, dim, idx, value)
 
     @staticmethod
     def scale_(tensors: Sequence[torch.Tensor | None], where: Positions, factors: torch.Tensor) -> None:
@@ -143,12 +146,32 @@ class PrunableIndex:
                 scale_positions_(t, dim, idx, factors.to(t.device)[grp], size)
 
 
-def scale_positions_(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor, size: int) -> None:
-    """``t`` times ``values`` at positions ``idx`` along ``dim``.
+def _grid_index(t: torch.Tensor, dims: tuple[int, int], idx: torch.Tensor):
+    """A view of ``t`` with ``dims`` in front, and the (outer, inner) indices of flat positions."""
+    inner = t.shape[dims[1]]
+    return grid_view(t, dims), (idx // inner, idx % inner)
+
+
+def fill_positions_(t: torch.Tensor, dim: int | tuple[int, int], idx: torch.Tensor, value: float) -> None:
+    """Set ``t`` to ``value`` at positions ``idx`` along ``dim`` (or a per-expert grid)."""
+    if isinstance(dim, tuple):
+        grid, at = _grid_index(t, dim, idx)
+        grid[at] = value
+    else:
+        t.index_fill_(dim, idx, value)
+
+
+def scale_positions_(t: torch.Tensor, dim: int | tuple[int, int], idx: torch.Tensor, values: torch.Tensor,
+                     size: int) -> None:
+    """``t`` times ``values`` at positions ``idx`` along ``dim`` (or a per-expert grid).
 
     A broadcast multiply over the whole tensor when many positions change (one in-place pass),
     else gather-multiply-scatter on those positions only.
     """
+    if isinstance(dim, tuple):
+        grid, at = _grid_index(t, dim, idx)
+        grid[at] = grid[at] * values.to(t.dtype).view([-1] + [1] * (t.dim() - 2))
+        return
     shape = [1] * t.dim()
     shape[dim] = -1
     if 4 * idx.numel() > size:
@@ -176,7 +199,8 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     never exist at full size, and the update reads ``x``, ``num`` and ``den`` from memory once:
     the statistics cost arithmetic, not memory traffic.
     """
-    out = {dim: torch.zeros(4, x.shape[dim], dtype=torch.float32, device=x.device) for dim in dims}
+    out = {dim: torch.zeros(4, math.prod(x.shape[d] for d in dim) if isinstance(dim, tuple) else x.shape[dim],
+                            dtype=torch.float32, device=x.device) for dim in dims}
     # On CPU, cache-sized chunks; on accelerators one chunk (fewer kernel launches matter more).
     step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
     n = x.shape[0]
@@ -187,20 +211,20 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     for c, (xc, nc, dc) in enumerate(chunks):
         d = nc if dc is None else (None if nc is None else nc / dc)
         views = None if rows0 is None else rows0[c]
-        _accumulate(out, views, xc, d, 0)
+        _accumulate(out, views, xc, d, 0, c * step)
         if d is not None:
             if keep != 1.0:
                 xc.mul_(keep)
             xc.add_(d, alpha=alpha)
         if post:
-            _accumulate(out, views, xc, None, 3)
+            _accumulate(out, views, xc, None, 3, c * step)
     if 0 in out:  # dim 0 collected norms (no temporary): square them once
         out[0][[0, 2, 3]] = out[0][[0, 2, 3]].square()
     return out
 
 
 def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: torch.Tensor,
-                d: torch.Tensor | None, row: int) -> None:
+                d: torch.Tensor | None, row: int, start: int = 0) -> None:
     """Add the statistics of chunk ``xc`` to ``out``: from row ``row`` on, x*x then, with ``d``, x*d
     and d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as norms, not
     squares, until :func:`update_with_rows_` squares them (a norm along rows needs no temporary)."""
@@ -214,6 +238,15 @@ def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: to
                 d2 = df if df.dim() == 2 else df.reshape(x2.shape[0], -1)
                 torch.sum(x2 * d2, dim=1, out=rows0[row + 1])
                 torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
+        elif isinstance(dim, tuple):  # a per-expert grid; the chunk holds rows start.. of dim 0
+            sizes = [xc.shape[k] for k in dim]
+            grid = o.view(o.shape[0], *[-1 if k == 0 else xc.shape[k] for k in dim])
+            if 0 in dim:
+                grid = grid.narrow(1 + dim.index(0), start, xc.shape[0])
+            grid[row] += reduce_except(xf * xf, dim).view(sizes)
+            if df is not None:
+                grid[row + 1] += reduce_except(xf * df, dim).view(sizes)
+                grid[row + 2] += reduce_except(df * df, dim).view(sizes)
         else:
             other = [k for k in range(xf.dim()) if k != dim]
             o[row] += (xf * xf).sum(other)

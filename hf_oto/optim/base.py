@@ -43,7 +43,7 @@ from torch import nn
 
 from ..graph.analysis import _unwrap as unwrap_model  # the same unwrapping find_groups does
 from ..groups import ZeroInvariantGroups
-from ._index import Positions, PrunableIndex, scale_positions_, update_with_rows_
+from ._index import Positions, PrunableIndex, fill_positions_, scale_positions_, update_with_rows_
 
 VARIANTS = ("sgd", "adam", "adamw")
 #: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
@@ -535,7 +535,7 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
             p = self._gparams[i]
             v = self.state[p].get("exp_avg_sq") if p in self.state else None
             if v is not None:
-                v.index_fill_(dim, idx, _frozen_exp_avg_sq(v.dtype))
+                fill_positions_(v, dim, idx, _frozen_exp_avg_sq(v.dtype))
 
     # -- helpers for the methods ---------------------------------------------------------------
     def _halfspace(self, s: dict[str, torch.Tensor], lambdas: torch.Tensor, free: torch.Tensor,

@@ -447,6 +447,9 @@ class GroupKSupportBall(ConstraintSet):
         # Per tensor: the dims prunable groups touch, in ownership order (lowest dim first).
         per_tensor: list[list] = [[] for _ in groups.param_names]
         for j, s in groups._param_slices:
+            if s.outer is not None:
+                raise ValueError(f"group_k_support does not handle per-expert groups ({s.tensor}); "
+                                 "use another SFW constraint for mixture-of-experts models")
             per_tensor[j].append(s)
         self._slices: list[list[dict[str, Tensor | int]]] = []
         for i, name in enumerate(groups.param_names):

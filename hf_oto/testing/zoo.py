@@ -81,6 +81,29 @@ def llama_gqa():
     return LlamaForCausalLM(cfg), _text_inputs(120)
 
 
+def mixtral_moe():
+    """Mixtral: 4 experts in 3-D tensors run through grouped_mm, a softmax router picking 2
+    (renormalised over the two)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                        num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MixtralForCausalLM(cfg), _text_inputs(120)
+
+
+def qwen2_moe():
+    """Qwen2-MoE: routed experts without renormalisation, plus a shared expert behind a sigmoid gate."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                         norm_topk_prob=False, decoder_sparse_step=1, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Qwen2MoeForCausalLM(cfg), _text_inputs(120)
+
+
 def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -228,6 +251,8 @@ ZOO: dict[str, ZooEntry] = {
     "distilbert": distilbert,
     "gpt2": gpt2,
     "llama-gqa": llama_gqa,
+    "mixtral-moe": mixtral_moe,
+    "qwen2-moe": qwen2_moe,
     "vit": vit,
     "resnet": resnet,
     "convnext": convnext,
