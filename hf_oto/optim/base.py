@@ -264,35 +264,6 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
 
 
     # -- helpers for the methods ---------------------------------------------------------------
-    def _halfspace(self, s: dict[str, torch.Tensor], lambdas: torch.Tensor, free: torch.Tensor,
-                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The proximal group-lasso step and the half-space test, for the groups in ``free``.
-
-        The trial point is ``y_g = prox(z_g) = z_g * max(0, 1 - lr * lambda_g / ||z_g||)``, z the
-        base step's result. Returns ``(coef, cross, depth)``: the penalty coefficients
-        ``lambda_g / ||z_g||`` (for :class:`StepPlan`), the groups whose trial point leaves the
-        half-space, ``<y_g, x_g> < epsilon * ||x_g||^2`` (or which the prox zeroes), and
-        ``<y_g, x_g> / ||x_g||^2`` (how deep; +inf outside ``cross``).
-        """
-        live = free & (s["xx"] > 0)
-        znorm = s["zz"].clamp_min(0).sqrt()
-        coef = torch.where(live, lambdas / znorm.clamp_min(1e-30), torch.zeros_like(znorm))
-        lr_g = s["lr_zz"] / s["zz"].clamp_min(1e-30)
-        zeroed = live & ((1 - lr_g * coef) <= 0)
-        trial = torch.where(zeroed, torch.zeros_like(znorm), s["T1"] - coef * s["T2"])
-        cross = live & ((trial < epsilon * s["xx"]) | zeroed)
-        depth = torch.where(cross, trial / s["xx"].clamp_min(1e-30), torch.full_like(trial, math.inf))
-        return coef, cross, depth
-
-    @staticmethod
-    def _cap(cross: torch.Tensor, depth: torch.Tensor, room: int) -> torch.Tensor:
-        """At most ``room`` of the groups in ``cross``: the deepest crossings (stable order)."""
-        if int(cross.sum()) <= max(room, 0):
-            return cross
-        capped = torch.zeros_like(cross)
-        capped[torch.sort(depth, stable=True).indices[:max(room, 0)]] = True
-        return capped
-
     def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The ``count`` candidates with the lowest ``priority`` such that removing them with the
         frozen groups leaves every layer at least one group (``compress`` could not remove them
@@ -324,6 +295,8 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
                 mine = grp[mask[grp]]
                 if mine.numel() == 0:  # emptied by frozen groups alone: nothing left to give back
                     return mask
+                if mine.numel() < grp.numel() and not (mask | self._oto["committed"])[grp].all():
+                    continue  # a dimension of the same layer gave a group back already
                 mask[mine[torch.argmax(priority[mine])]] = False
 
 
