@@ -168,7 +168,8 @@ _CHUNK = 1 << 16
 def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
                       alpha: float, dims: Sequence[int], post: bool) -> dict[int, torch.Tensor]:
     """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
-    ``num`` None: no update) and, in the same pass, per-position statistics for each of ``dims``.
+    ``num`` None, or ``keep == 1`` and ``alpha == 0``: no update) and, in the same pass,
+    per-position statistics for each of ``dims``.
 
     Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
     ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
@@ -188,7 +189,7 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
         d = nc if dc is None else (None if nc is None else nc / dc)
         views = None if rows0 is None else rows0[c]
         _accumulate(out, views, xc, d, 0)
-        if d is not None:
+        if d is not None and (alpha != 0.0 or keep != 1.0):
             if keep != 1.0:
                 xc.mul_(keep)
             xc.add_(d, alpha=alpha)

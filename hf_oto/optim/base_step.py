@@ -12,6 +12,10 @@ half, in ``base.py``, holds its construction, state, reporting and the choice of
    the base direction) are gathered in the same pass over memory.
 2. **Group plan** (``_plan``, one per method): from those statistics the method decides per group a
    penalty, a shrink factor and projections to zero (vectors over groups: no loop per group).
+   A method whose decisions need the statistics *before* the step is applied (the half-space
+   methods: their trial point includes the penalty) asks for ``"trial"`` statistics: a read-only
+   pass gathers them, the plan is made, the group-lasso subgradient is applied as a per-position
+   multiply, and only then the base step runs.
 3. **Group corrections** (``_correct``): multiplies on the positions of the groups concerned
    (one broadcast multiply per slice, or gather/scatter when few positions change) and
    ``index_fill_`` for exact zeros on the parameters and on their optimizer state.
@@ -38,19 +42,22 @@ from ._index import Positions, PrunableIndex, scale_positions_, update_with_rows
 _REFRESH_STEPS = 10_000
 
 
-
 def _frozen_exp_avg_sq(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max / 4
 
+
 @dataclass
 class StepPlan:
-    """What a method does to its groups after the base step (vectors over all groups).
+    """What a method does to its groups in this step (vectors over all groups).
 
-    ``penalty[g] = c`` multiplies group g by ``max(0, 1 - lr * c)`` after the base step (each tensor
-    with its own lr). With ``c = lambda_g / ||z_g||``, z the iterate after the base step, this is the
-    proximal operator of ``lambda_g ||x_g||``: the group-lasso term in forward-backward form. It acts
-    on the positions ``penalized``. ``shrink`` multiplies the groups at ``shrunk``; ``project`` sets
-    groups to exactly zero and freezes them.
+    ``penalty[g] = c`` is the group-lasso term on the positions ``penalized``, each tensor with its
+    own lr. Planned from ``"trial"`` statistics (before the base step), it is the *subgradient*
+    step: with ``c = lambda_g / ||x_g||`` at the current point the step becomes
+    ``x_g - lr*d_g - lr*c*x_g`` (applied exactly, as ``x *= 1 - lr*c/keep`` before the base step;
+    keep is AdamW's ``1 - lr*wd``, 1 otherwise). Planned from ``"post"`` statistics (after the base
+    step), it multiplies by ``max(0, 1 - lr*c)``: with ``c = lambda_g / ||z_g||``, z the iterate
+    after the base step, the proximal operator of ``lambda_g ||x_g||``. ``shrink`` multiplies the
+    groups at ``shrunk`` after the base step; ``project`` sets groups to exactly zero and freezes them.
     """
 
     penalty: torch.Tensor | None = None
@@ -79,7 +86,9 @@ class BaseStep:
 
     def _wants_stats(self) -> str | None:
         """Whether this step's plan needs group statistics: None, ``"pre"`` (of the parameters and
-        direction before the step) or ``"post"`` (also of the parameters after it)."""
+        direction before the step, gathered while the step is applied), ``"post"`` (also of the
+        parameters after it) or ``"trial"`` (those before the step, gathered before it is applied,
+        so that the plan's penalty enters the step itself)."""
         return None
 
     def _plan(self, s: dict[str, torch.Tensor] | None) -> StepPlan | None:
@@ -102,8 +111,16 @@ class BaseStep:
             if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
                 self._fill_frozen_exp_avg_sq(frozen)
         works = self._prepare()
-        stats = self._update(works, self._wants_stats())
-        plan = self._plan(stats)
+        want = self._wants_stats()
+        if want == "trial":
+            plan = self._plan(self._statistics(works))
+            if plan is not None and plan.penalty is not None and plan.penalized:
+                self._subgradient_penalty(plan.penalty, plan.penalized)
+            self._update(works, None)
+        else:
+            plan = self._plan(self._update(works, want))
+            if plan is not None and plan.penalty is not None and plan.penalized:
+                self._proximal_penalty(plan.penalty, plan.penalized)
         if plan is not None:
             self._correct(plan)
         self._oto["step"] += 1
@@ -254,9 +271,7 @@ class BaseStep:
         lr, ds = self._lr, self._dscale
         keep = 1 - lr * self._decay
         w = torch.zeros(7, len(self._gparams), 4, dtype=torch.float64)
-        w[0, :, 0] = 1                                       # xx
-        w[1, :, 1] = ds                                      # xd
-        w[2, :, 2] = ds * ds                                 # dd
+        w[:3] = self._pre_weights()                          # xx, xd, dd
         w[3, :, 0], w[3, :, 1] = keep, -lr * ds              # T1 = <x_new, x>
         w[4, :, 0], w[4, :, 1] = lr * keep, -lr * lr * ds    # T2
         w[5, :, 3] = 1                                       # zz
@@ -264,16 +279,69 @@ class BaseStep:
         out = self._index.combine(rows, w)
         return dict(zip(("xx", "xd", "dd", "T1", "T2", "zz", "lr_zz"), out))
 
-    def _correct(self, plan: StepPlan) -> None:
-        """After the base step: the penalty shrink, the schedule's shrink, the projections."""
-        if plan.penalty is not None and plan.penalized:
-            lrs = self._lr.tolist()
-            for i, dim, idx, grp, size in plan.penalized.slices:
-                lr = lrs[i]
-                if lr == 0:
+    def _pre_weights(self) -> torch.Tensor:
+        """Weights of ``xx``, ``xd``, ``dd`` for :meth:`PrunableIndex.combine`."""
+        ds = self._dscale
+        w = torch.zeros(3, len(self._gparams), 4, dtype=torch.float64)
+        w[0, :, 0] = 1
+        w[1, :, 1] = ds
+        w[2, :, 2] = ds * ds
+        return w
+
+    def _statistics(self, works: list[_Work]) -> dict[str, torch.Tensor]:
+        """Group statistics of the step about to be taken, without taking it (``"trial"``).
+
+        One read-only pass over the parameters with prunable slices (and their direction), the
+        same chunked reductions as the fused update. Returns ``xx``, ``xd``, ``dd`` as in
+        :meth:`_update`, ``T1`` = <z_g, x_g> for the base step's result z, and ``LX``: ||x_g||^2
+        with each tensor weighted by its lr. A subgradient step ``y = z - lr*c*x`` then has
+        ``<y_g, x_g> = T1 - c*LX``.
+        """
+        dims = self._index.slice_dims
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+        for w in works:
+            for j, p in enumerate(w.params):
+                i = self._gpos.get(id(p))
+                if i is None or i not in dims:
                     continue
-                p = self._gparams[i]
-                scale_positions_(p, dim, idx, (1.0 - lr * plan.penalty.to(p.device)[grp]).clamp_min(0), size)
+                num, den = (w.direction[j], None) if w.direction is not None else (w.exp_avgs[j], w.denom[j])
+                for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False).items():
+                    rows[(i, dim)] = r
+        for i, d in dims.items():  # grouped parameters without a gradient: they will not move
+            if (i, d[0]) not in rows:
+                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, d, False).items():
+                    rows[(i, dim)] = r
+        lr, ds = self._lr, self._dscale
+        w = torch.zeros(5, len(self._gparams), 4, dtype=torch.float64)
+        w[:3] = self._pre_weights()
+        w[3, :, 0], w[3, :, 1] = 1 - lr * self._decay, -lr * ds   # T1 = <z, x>
+        w[4, :, 0] = lr                                            # LX
+        out = self._index.combine(rows, w)
+        return dict(zip(("xx", "xd", "dd", "T1", "LX"), out))
+
+    def _subgradient_penalty(self, coef: torch.Tensor, where: Positions) -> None:
+        """Before the base step: ``x *= 1 - lr*c/keep`` at ``where``, so that the base step then
+        gives exactly ``keep*x - lr*c*x - lr*d``: the subgradient step of ``lambda_g ||x_g||``."""
+        lrs, decays = self._lr.tolist(), self._decay.tolist()
+        for i, dim, idx, grp, size in where.slices:
+            lr = lrs[i]
+            if lr == 0:
+                continue
+            p = self._gparams[i]
+            scale_positions_(p, dim, idx, 1.0 - (lr / (1.0 - lr * decays[i])) * coef.to(p.device)[grp], size)
+
+    def _proximal_penalty(self, coef: torch.Tensor, where: Positions) -> None:
+        """After the base step: ``z *= max(0, 1 - lr*c)`` at ``where`` (the proximal operator)."""
+        lrs = self._lr.tolist()
+        for i, dim, idx, grp, size in where.slices:
+            lr = lrs[i]
+            if lr == 0:
+                continue
+            p = self._gparams[i]
+            scale_positions_(p, dim, idx, (1.0 - lr * coef.to(p.device)[grp]).clamp_min(0), size)
+
+    def _correct(self, plan: StepPlan) -> None:
+        """After the base step: the schedule's shrink, then the projections."""
         if plan.shrink is not None and plan.shrunk:
             PrunableIndex.scale_(self._gparams, plan.shrunk, plan.shrink)
         if plan.project is not None and plan.project.any():

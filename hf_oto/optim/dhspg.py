@@ -10,6 +10,7 @@ from torch import nn
 
 from ..groups import ZeroInvariantGroups
 from .base import StepPlan, WindowedPruning, check_number
+from .halfspace import TRIAL_STEPS, deepest, proximal_trial, subgradient_trial
 
 #: Per-variant defaults of the authors' code: base lambda, amplification, and the cap of the
 #: adapted lambda as a multiple of the base one.
@@ -61,30 +62,37 @@ class DHSPG(WindowedPruning):
       as in the authors' code). At the start of period p, the non-frozen prunable groups are scored
       (:func:`redundancy_scores`) and the most redundant ones form the redundant set R: as many as
       the period must zero, plus ``tolerance_group_sparsity * num_prunable`` spare ones. Important
-      groups get the plain base step. Each group of R gets the base step ``z = x - lr*d`` and
-      then the group-lasso proximal shrink ``y_g = z_g * max(0, 1 - lr * lambda_g/||z_g||)`` with
-      the adaptive ``lambda_g`` of :func:`adaptive_lambdas`, and the half-space test: if
-      ``y_g`` leaves the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is
-      projected to exactly zero and frozen. Projections stop at the period's cumulative target
+      groups get the plain base step. Each group of R takes the subgradient step
+      ``y_g = x_g - lr*d_g - lr*lambda_g*x_g/||x_g||`` with the adaptive ``lambda_g`` of
+      :func:`adaptive_lambdas` (d: the base direction), and the half-space test: if ``y_g`` leaves
+      the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is projected to
+      exactly zero and frozen. Projections stop at the period's cumulative target
       ``floor(K * (p + 1) / P)`` (K = ``floor(target_group_sparsity * num_prunable)``); when more
       groups qualify, those deepest across the boundary (smallest ``<y_g, x_g>/||x_g||^2``) go first.
       Once the target is met, the rest of R returns to the important set.
     - At the last step of each period, if the half-space test has not zeroed enough groups, the
       groups of R with the smallest norm are projected to meet the target exactly (counted in
       ``metrics()["num_forced_projections"]``, the half-space ones in
-      ``"num_halfspace_projections"``): the guarantee the trainer relies on.
+      ``"num_halfspace_projections"``): the guarantee the trainer relies on. A run whose forced
+      projections outnumber the half-space ones did magnitude pruning of R, not DHSPG: give it a
+      longer window or a larger ``lmbda``.
     - Afterwards: the base optimizer; frozen groups stay exactly zero.
 
-    Confirmed against the authors' public code (``optimizer/dhspg.py`` and ``hyperparameter.py``,
-    see :mod:`hf_oto.optim.base`): the lambda bounds and their clipping, amplification and
-    midpoint rule; the per-variant defaults (sgd: lambda 1e-3, amplify 2, cap 10x; adam/adamw:
-    1e-2, 20, 1000x); epsilon 0; tolerance 0.05 extra groups in R; the saliency (cosine and inverse
-    average norm, L2-normalised, half and half); the half-space test with a cap on the number of
-    projections (they pick randomly among the qualifying groups; we pick deterministically, which
-    data-parallel replicas need); the penalty applied on top of the base (SGD/Adam) direction
-    (they add the subgradient ``lambda_g x_g/||x_g||`` to the step; we apply its proximal form
-    after the base step, which needs no second pass over the weights). The end-of-period forced
-    projection is ours.
+    ``trial_step="proximal"`` takes the proximal step ``z_g * max(0, 1 - lr*lambda_g/||z_g||)``
+    (z = x - lr*d) instead (kept to compare; see :mod:`hf_oto.optim.halfspace`).
+
+    Checked against the authors' DHSPG (``optimizer/dhspg.py`` and ``hyperparameter.py`` of
+    tianyic/only_train_once before its HESSO rewrite, the same file as the ``only-train-once``
+    2.0.16 release): the subgradient trial step on top of the base (SGD/Adam) direction and the
+    half-space test; the lambda bounds and their clipping, amplification and midpoint rule; the
+    per-variant defaults (sgd: lambda 1e-3, amplify 2, cap 10x; adam/adamw: 1e-2, 20, 1000x);
+    epsilon 0; one partition; tolerance 0.05 extra groups in R; the saliency (cosine and inverse
+    average norm, L2-normalised, half and half); the penalty stopping for all groups once the
+    target is reached. Differences: they project every crossing group of R until the sparsity
+    reaches the target, checked once per step, so a step can overshoot up to the size of R, and
+    they have no window: the target is reached whenever the test gets there, or never; we cap the
+    projections at the target (deepest first, deterministic) and force the rest at the end of each
+    period. Their Adam moments start at ``g`` and ``g^2``; ours are torch's.
 
     Example:
         >>> opt = DHSPG(model, groups, variant="adamw", lr=3e-5, target_group_sparsity=0.5,
@@ -99,7 +107,7 @@ class DHSPG(WindowedPruning):
                  target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
                  pruning_periods: int = 1, lmbda: float | None = None, lmbda_amplify: float | None = None,
                  hat_lmbda_coeff: float | None = None, epsilon: float = 0.0, tolerance_group_sparsity: float = 0.05,
-                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
+                 trial_step: str = "subgradient", param_groups: Iterable[dict[str, Any]] | None = None) -> None:
         self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
         d_lmbda, d_amp, d_cap = LAMBDA_DEFAULTS.get(variant, LAMBDA_DEFAULTS["sgd"])
         self.lmbda = check_number("lmbda", d_lmbda if lmbda is None else lmbda, low=0.0)
@@ -109,6 +117,9 @@ class DHSPG(WindowedPruning):
         self.epsilon = check_number("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
         self.tolerance_group_sparsity = check_number("tolerance_group_sparsity", tolerance_group_sparsity,
                                                      low=0.0, high=1.0)
+        if trial_step not in TRIAL_STEPS:
+            raise ValueError(f"unknown trial_step {trial_step!r}; choose from {', '.join(TRIAL_STEPS)}")
+        self.trial_step = trial_step
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
         self._sizes = groups.group_sizes.to(self.device)
@@ -120,7 +131,7 @@ class DHSPG(WindowedPruning):
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), **{k: getattr(self, k) for k in (
-            "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity")}}
+            "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity", "trial_step")}}
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -133,7 +144,9 @@ class DHSPG(WindowedPruning):
 
     def _wants_stats(self) -> str | None:
         where = self._where()
-        return "post" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
+        if where is None or not (where[1] == 0 or bool(self._oto["active"].any())):
+            return None
+        return "trial" if self.trial_step == "subgradient" else "post"
 
     def _plan(self, s) -> StepPlan | None:
         where = self._where()
@@ -152,8 +165,9 @@ class DHSPG(WindowedPruning):
         room -= int(project.sum())
         lam = adaptive_lambdas(s, self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff)
         self._oto["lambdas"] = torch.where(nonzero, lam, torch.zeros_like(lam))
-        coef, cross, depth = self._halfspace(s, lam, nonzero, self.epsilon)
-        cross = self._cap(cross, depth, room)  # deepest crossings first
+        trial = subgradient_trial if self.trial_step == "subgradient" else proximal_trial
+        coef, cross, depth = trial(s, lam, nonzero, self.epsilon)
+        cross = deepest(cross, depth, room)
         project |= cross
         crossed = int(cross.sum())
         room -= crossed
