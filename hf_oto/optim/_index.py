@@ -166,10 +166,12 @@ _CHUNK = 1 << 16
 
 
 def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
-                      alpha: float, dims: Sequence[int], post: bool) -> dict[int, torch.Tensor]:
+                      alpha: float, dims: Sequence[int], post: bool,
+                      keep_quotient: bool = False) -> dict[int, torch.Tensor]:
     """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
     ``num`` None, or ``keep == 1`` and ``alpha == 0``: no update) and, in the same pass,
-    per-position statistics for each of ``dims``.
+    per-position statistics for each of ``dims``. With ``keep_quotient``, ``d`` is written over
+    ``den`` (a temporary of the caller's), so that a later pass over ``x`` needs no division.
 
     Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
     ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
@@ -186,7 +188,10 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     # Per-row outputs of dim 0, as views matching the chunks (norms; squared at the end).
     rows0 = out[0].split(step, dim=1) if 0 in out else None
     for c, (xc, nc, dc) in enumerate(chunks):
-        d = nc if dc is None else (None if nc is None else nc / dc)
+        if dc is None or nc is None:
+            d = nc
+        else:
+            d = torch.div(nc, dc, out=dc) if keep_quotient else nc / dc
         views = None if rows0 is None else rows0[c]
         _accumulate(out, views, xc, d, 0)
         if d is not None and (alpha != 0.0 or keep != 1.0):
@@ -221,3 +226,26 @@ def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: to
             if df is not None:
                 o[row + 1] += (xf * df).sum(other)
                 o[row + 2] += (df * df).sum(other)
+
+
+def scaled_step_(x: torch.Tensor, d: torch.Tensor | None, keep: float, alpha: float,
+                 scales: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
+    """In place ``x <- (keep - s) * x + alpha * d``, ``s`` the sum of the vectors in ``scales``
+    (``(dim, vector along dim)``, broadcast over the other dims; none: ``s = 0``), in cache-sized
+    chunks of the leading dimension so that ``x`` is read and written once.
+    """
+    step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
+    for r0 in range(0, x.shape[0], step):
+        xc = x[r0:r0 + step]
+        mult = None
+        for dim, v in scales:
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            part = (v[r0:r0 + step] if dim == 0 else v).view(shape)
+            mult = part if mult is None else mult + part
+        if mult is not None:
+            xc.mul_(keep - mult)
+        elif keep != 1.0:
+            xc.mul_(keep)
+        if d is not None:
+            xc.add_(d[r0:r0 + step], alpha=alpha)

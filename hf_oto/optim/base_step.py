@@ -14,8 +14,8 @@ half, in ``base.py``, holds its construction, state, reporting and the choice of
    penalty, a shrink factor and projections to zero (vectors over groups: no loop per group).
    A method whose decisions need the statistics *before* the step is applied (the half-space
    methods: their trial point includes the penalty) asks for ``"trial"`` statistics: a read-only
-   pass gathers them, the plan is made, the group-lasso subgradient is applied as a per-position
-   multiply, and only then the base step runs.
+   pass gathers them (and keeps Adam's divided direction), the plan is made, and the base step
+   then runs with the group-lasso subgradient folded into its per-position multiplier.
 3. **Group corrections** (``_correct``): multiplies on the positions of the groups concerned
    (one broadcast multiply per slice, or gather/scatter when few positions change) and
    ``index_fill_`` for exact zeros on the parameters and on their optimizer state.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._index import Positions, PrunableIndex, scale_positions_, update_with_rows_
+from ._index import Positions, PrunableIndex, scale_positions_, scaled_step_, update_with_rows_
 
 #: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
 #: zero (first moment and gradient are zero: 0 / huge = 0), and it keeps CPU kernels on their fast
@@ -53,8 +53,8 @@ class StepPlan:
     ``penalty[g] = c`` is the group-lasso term on the positions ``penalized``, each tensor with its
     own lr. Planned from ``"trial"`` statistics (before the base step), it is the *subgradient*
     step: with ``c = lambda_g / ||x_g||`` at the current point the step becomes
-    ``x_g - lr*d_g - lr*c*x_g`` (applied exactly, as ``x *= 1 - lr*c/keep`` before the base step;
-    keep is AdamW's ``1 - lr*wd``, 1 otherwise). Planned from ``"post"`` statistics (after the base
+    ``keep*x_g - lr*d_g - lr*c*x_g`` (keep: AdamW's ``1 - lr*wd``, 1 otherwise), in the same pass
+    as the base step. Planned from ``"post"`` statistics (after the base
     step), it multiplies by ``max(0, 1 - lr*c)``: with ``c = lambda_g / ||z_g||``, z the iterate
     after the base step, the proximal operator of ``lambda_g ||x_g||``. ``shrink`` multiplies the
     groups at ``shrunk`` after the base step; ``project`` sets groups to exactly zero and freezes them.
@@ -114,9 +114,8 @@ class BaseStep:
         want = self._wants_stats()
         if want == "trial":
             plan = self._plan(self._statistics(works))
-            if plan is not None and plan.penalty is not None and plan.penalized:
-                self._subgradient_penalty(plan.penalty, plan.penalized)
-            self._update(works, None)
+            penalty = plan is not None and plan.penalty is not None and plan.penalized
+            self._trial_update(works, plan.penalty if penalty else None, plan.penalized if penalty else None)
         else:
             plan = self._plan(self._update(works, want))
             if plan is not None and plan.penalty is not None and plan.penalized:
@@ -247,20 +246,7 @@ class BaseStep:
                     num, den, alpha = w.exp_avgs[j], w.denom[j], w.step_size[j]
                 for dim, r in update_with_rows_(p, num, den, 1 - w.lr * w.decay, alpha, fused[i], post).items():
                     rows[(i, dim)] = r
-            if len(plain) < len(w.params):
-                w = _Work([w.params[j] for j in plain], w.lr, w.decay,
-                          direction=None if w.direction is None else [w.direction[j] for j in plain],
-                          exp_avgs=None if w.exp_avgs is None else [w.exp_avgs[j] for j in plain],
-                          denom=None if w.denom is None else [w.denom[j] for j in plain],
-                          step_size=None if w.step_size is None else [w.step_size[j] for j in plain])
-            if not w.params:
-                continue
-            if w.decay != 0:
-                torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
-            if w.direction is not None:
-                torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
-            else:
-                torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
+            _foreach_step(w, plain)
         if not want:
             return None
         for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
@@ -292,7 +278,8 @@ class BaseStep:
         """Group statistics of the step about to be taken, without taking it (``"trial"``).
 
         One read-only pass over the parameters with prunable slices (and their direction), the
-        same chunked reductions as the fused update. Returns ``xx``, ``xd``, ``dd`` as in
+        same chunked reductions as the fused update; Adam's direction ``exp_avg / denom`` is left
+        in the ``denom`` temporaries, for :meth:`_trial_update`. Returns ``xx``, ``xd``, ``dd`` as in
         :meth:`_update`, ``T1`` = <z_g, x_g> for the base step's result z, and ``LX``: ||x_g||^2
         with each tensor weighted by its lr. A subgradient step ``y = z - lr*c*x`` then has
         ``<y_g, x_g> = T1 - c*LX``.
@@ -305,7 +292,7 @@ class BaseStep:
                 if i is None or i not in dims:
                     continue
                 num, den = (w.direction[j], None) if w.direction is not None else (w.exp_avgs[j], w.denom[j])
-                for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False).items():
+                for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False, keep_quotient=True).items():
                     rows[(i, dim)] = r
         for i, d in dims.items():  # grouped parameters without a gradient: they will not move
             if (i, d[0]) not in rows:
@@ -319,16 +306,36 @@ class BaseStep:
         out = self._index.combine(rows, w)
         return dict(zip(("xx", "xd", "dd", "T1", "LX"), out))
 
-    def _subgradient_penalty(self, coef: torch.Tensor, where: Positions) -> None:
-        """Before the base step: ``x *= 1 - lr*c/keep`` at ``where``, so that the base step then
-        gives exactly ``keep*x - lr*c*x - lr*d``: the subgradient step of ``lambda_g ||x_g||``."""
-        lrs, decays = self._lr.tolist(), self._decay.tolist()
-        for i, dim, idx, grp, size in where.slices:
-            lr = lrs[i]
-            if lr == 0:
-                continue
-            p = self._gparams[i]
-            scale_positions_(p, dim, idx, 1.0 - (lr / (1.0 - lr * decays[i])) * coef.to(p.device)[grp], size)
+    def _trial_update(self, works: list[_Work], coef: torch.Tensor | None, where: Positions | None) -> None:
+        """The base step after :meth:`_statistics`, with the planned subgradient penalty in it.
+
+        A parameter with prunable slices becomes ``(keep - lr*c)*x - lr*d`` in one chunked pass
+        (``c = lambda_g/||x_g||`` at its group's positions, 0 elsewhere; an entry in groups along
+        two dims gets both terms, as the subgradient of the sum of their norms; ``keep`` is
+        AdamW's ``1 - lr*wd``, 1 otherwise); the direction is already divided out. Other
+        parameters take the plain ``torch._foreach_*`` step.
+        """
+        scales: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        if coef is not None and where:
+            lrs = self._lr.tolist()
+            for i, dim, idx, grp, size in where.slices:
+                if lrs[i] == 0:
+                    continue
+                p = self._gparams[i]
+                v = torch.zeros(size, dtype=p.dtype, device=p.device)
+                v.index_add_(0, idx, (lrs[i] * coef.to(p.device)[grp]).to(p.dtype))
+                scales.setdefault(i, []).append((dim, v))
+        dims = self._index.slice_dims
+        for w in works:
+            plain = []
+            for j, p in enumerate(w.params):
+                i = self._gpos.get(id(p))
+                if i is None or i not in dims:
+                    plain.append(j)
+                    continue
+                d, alpha = (w.direction[j], -w.lr) if w.direction is not None else (w.denom[j], w.step_size[j])
+                scaled_step_(p, d, 1 - w.lr * w.decay, alpha, scales.get(i, ()))
+            _foreach_step(w, plain)
 
     def _proximal_penalty(self, coef: torch.Tensor, where: Positions) -> None:
         """After the base step: ``z *= max(0, 1 - lr*c)`` at ``where`` (the proximal operator)."""
@@ -367,3 +374,21 @@ class BaseStep:
             v = self.state[p].get("exp_avg_sq") if p in self.state else None
             if v is not None:
                 v.index_fill_(dim, idx, _frozen_exp_avg_sq(v.dtype))
+
+
+def _foreach_step(w: _Work, keep: list[int]) -> None:
+    """The plain base step (torch's arithmetic) on the parameters ``keep`` of ``w``."""
+    if len(keep) < len(w.params):
+        w = _Work([w.params[j] for j in keep], w.lr, w.decay,
+                  direction=None if w.direction is None else [w.direction[j] for j in keep],
+                  exp_avgs=None if w.exp_avgs is None else [w.exp_avgs[j] for j in keep],
+                  denom=None if w.denom is None else [w.denom[j] for j in keep],
+                  step_size=None if w.step_size is None else [w.step_size[j] for j in keep])
+    if not w.params:
+        return
+    if w.decay != 0:
+        torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
+    if w.direction is not None:
+        torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
+    else:
+        torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
