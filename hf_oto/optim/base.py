@@ -8,10 +8,10 @@ Its step (the base SGD/Adam/AdamW step, the group statistics, the corrections a 
 which groups, never emptying a layer) and :class:`WindowedPruning` (warm-up, pruning window split
 into periods) that HESSO and DHSPG share.
 
-Reference: the Only-Train-Once authors' public code (tianyic/only_train_once; the copies read
-were microsoft/only_train_once and tianyic/only_train_once_personal_footprint, folder
-``only_train_once/optimizer``). Each method's docstring says what was confirmed there and where
-we differ; no code was copied.
+Reference: the Only-Train-Once authors' public code, read, never copied: tianyic/only_train_once
+(its history holds HSPG, 2021, and DHSPG, up to the HESSO rewrite of Dec 2023) and the
+``only-train-once`` releases 2.0.16 (DHSPG) and 3.0.1 (HESSO). Each method's docstring says what
+matches it and where we differ; ``tests/test_optim_parity.py`` runs HESSO and DHSPG next to them.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
 replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
