@@ -166,15 +166,16 @@ _CHUNK = 1 << 16
 
 
 def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
-                      alpha: float, dims: Sequence[int], post: bool,
-                      keep_quotient: bool = False) -> dict[int, torch.Tensor]:
+                      alpha: float, dims: Sequence[int], post: bool, keep_quotient: bool = False,
+                      pre: bool = True, dd: bool = True) -> dict[int, torch.Tensor]:
     """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
     ``num`` None, or ``keep == 1`` and ``alpha == 0``: no update) and, in the same pass,
     per-position statistics for each of ``dims``. With ``keep_quotient``, ``d`` is written over
     ``den`` (a temporary of the caller's), so that a later pass over ``x`` needs no division.
 
     Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
-    ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
+    ``d*d`` before the update (rows 0-2 only when ``pre``, row 2 only when ``dd``) and of ``x*x``
+    after it (row 3 only when ``post``); the rows not asked for stay 0. The tensor is
     processed in cache-sized chunks of its leading dimension, so the direction and the products
     never exist at full size, and the update reads ``x``, ``num`` and ``den`` from memory once:
     the statistics cost arithmetic, not memory traffic.
@@ -193,7 +194,8 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
         else:
             d = torch.div(nc, dc, out=dc) if keep_quotient else nc / dc
         views = None if rows0 is None else rows0[c]
-        _accumulate(out, views, xc, d, 0)
+        if pre:
+            _accumulate(out, views, xc, d, 0, dd)
         if d is not None and (alpha != 0.0 or keep != 1.0):
             if keep != 1.0:
                 xc.mul_(keep)
@@ -206,9 +208,9 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
 
 
 def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: torch.Tensor,
-                d: torch.Tensor | None, row: int) -> None:
+                d: torch.Tensor | None, row: int, dd: bool = True) -> None:
     """Add the statistics of chunk ``xc`` to ``out``: from row ``row`` on, x*x then, with ``d``, x*d
-    and d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as norms, not
+    and (with ``dd``) d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as norms, not
     squares, until :func:`update_with_rows_` squares them (a norm along rows needs no temporary)."""
     xf = xc if xc.dtype == torch.float32 else xc.float()
     df = d if d is None or d.dtype == torch.float32 else d.float()
@@ -219,13 +221,15 @@ def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: to
             if df is not None:
                 d2 = df if df.dim() == 2 else df.reshape(x2.shape[0], -1)
                 torch.sum(x2 * d2, dim=1, out=rows0[row + 1])
-                torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
+                if dd:
+                    torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
         else:
             other = [k for k in range(xf.dim()) if k != dim]
             o[row] += (xf * xf).sum(other)
             if df is not None:
                 o[row + 1] += (xf * df).sum(other)
-                o[row + 2] += (df * df).sum(other)
+                if dd:
+                    o[row + 2] += (df * df).sum(other)
 
 
 def scaled_step_(x: torch.Tensor, d: torch.Tensor | None, keep: float, alpha: float,

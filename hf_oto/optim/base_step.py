@@ -84,11 +84,15 @@ class BaseStep:
     """The step mechanics (a mixin of :class:`GroupSparseOptimizer`, which provides ``param_groups``,
     ``state``, the grouped parameters ``_gparams`` and their index ``_index``, ``_oto`` and ``_positions``)."""
 
+    #: Whether the plans use ``dd`` (||d_g||^2): a reduction over every grouped entry when they do.
+    _stats_dd = True
+
     def _wants_stats(self) -> str | None:
         """Whether this step's plan needs group statistics: None, ``"pre"`` (of the parameters and
         direction before the step, gathered while the step is applied), ``"post"`` (also of the
-        parameters after it) or ``"trial"`` (those before the step, gathered before it is applied,
-        so that the plan's penalty enters the step itself)."""
+        parameters after it), ``"after"`` (only those after it: ``zz``, ``lr_zz``) or ``"trial"``
+        (those before the step, gathered before it is applied, so that the plan's penalty enters
+        the step itself). ``||d_g||^2`` is left out (0) when the class sets ``_stats_dd = False``."""
         return None
 
     def _plan(self, s: dict[str, torch.Tensor] | None) -> StepPlan | None:
@@ -232,7 +236,7 @@ class BaseStep:
         """
         fused = self._index.slice_dims if want else {}
         rows: dict[tuple[int, int], torch.Tensor] = {}
-        post = want == "post"
+        post, pre = want in ("post", "after"), want != "after"
         for w in works:
             plain = []
             for j, p in enumerate(w.params):
@@ -244,14 +248,15 @@ class BaseStep:
                     num, den, alpha = w.direction[j], None, -w.lr
                 else:
                     num, den, alpha = w.exp_avgs[j], w.denom[j], w.step_size[j]
-                for dim, r in update_with_rows_(p, num, den, 1 - w.lr * w.decay, alpha, fused[i], post).items():
+                for dim, r in update_with_rows_(p, num, den, 1 - w.lr * w.decay, alpha, fused[i], post, pre=pre,
+                                                dd=self._stats_dd).items():
                     rows[(i, dim)] = r
             _foreach_step(w, plain)
         if not want:
             return None
         for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
             if (i, dims[0]) not in rows:
-                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, dims, post).items():
+                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, dims, False).items():
                     r[3] = r[0]
                     rows[(i, dim)] = r
         lr, ds = self._lr, self._dscale
@@ -292,7 +297,8 @@ class BaseStep:
                 if i is None or i not in dims:
                     continue
                 num, den = (w.direction[j], None) if w.direction is not None else (w.exp_avgs[j], w.denom[j])
-                for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False, keep_quotient=True).items():
+                for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False, keep_quotient=True,
+                                                dd=self._stats_dd).items():
                     rows[(i, dim)] = r
         for i, d in dims.items():  # grouped parameters without a gradient: they will not move
             if (i, d[0]) not in rows:

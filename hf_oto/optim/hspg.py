@@ -75,6 +75,7 @@ class HSPG(GroupSparseOptimizer):
     """
 
     method = "hspg"
+    _stats_dd = False  # neither stage reads ||d_g||^2
 
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
@@ -165,7 +166,7 @@ class HSPG(GroupSparseOptimizer):
     def _wants_stats(self) -> str | None:
         phase = self.phase()
         if phase == "warmup":
-            return "post"
+            return "after"  # the proximal operator reads ||z_g|| only
         if phase == "pruning":
             return "trial" if self.trial_step == "subgradient" else "post"
         return None
