@@ -101,20 +101,22 @@ def _one_group(noise: float):
 
 
 @pytest.mark.parametrize("cls", [HSPG, DHSPG])
-def test_penalty_carries_a_group_across_only_with_the_subgradient_step(cls):
+def test_the_penalty_carries_a_group_across_where_a_proximal_step_would_not(cls):
     """||x|| = 0.01 < lr*lambda = 0.02, but the base step adds a component orthogonal to x of
     norm 0.1 (Adam's direction does that to a small group). The subgradient trial point's
-    component along x is 0.01 - 0.02 < 0: projected. The proximal one rescales z = x - lr*d, whose
-    norm 0.1005 exceeds lr*lambda: it keeps <y, x> > 0, and the group survives."""
-    found = {}
-    for trial in ("subgradient", "proximal"):
-        model, groups = _one_group(noise=1.0)
-        kw = dict(lmbda=0.2) if cls is HSPG else dict(lmbda=0.2, hat_lmbda_coeff=1.0, target_group_sparsity=0.5,
-                                                       pruning_steps=2)
-        opt = cls(model, groups, variant="sgd", lr=0.1, trial_step=trial, **kw)
-        opt.step()
-        found[trial] = bool(opt.zero_groups()[0])
-    assert found == {"subgradient": True, "proximal": False}
+    component along x is 0.01 - 0.02 < 0: projected. A proximal trial point, z = x - lr*d rescaled
+    by max(0, 1 - lr*lambda/||z||), keeps <y, x> > 0 (||z|| = 0.1005 > lr*lambda): kept."""
+    model, groups = _one_group(noise=1.0)
+    x, lr, lmbda = model.w.detach()[:2].clone(), 0.1, 0.2
+    z = x - lr * model.w.grad[:2]
+    proximal = z * max(0.0, 1 - lr * lmbda / float(z.norm()))
+    assert float(proximal @ x) > 0
+    kw = dict(lmbda=lmbda) if cls is HSPG else dict(lmbda=lmbda, hat_lmbda_coeff=1.0, target_group_sparsity=0.5,
+                                                     pruning_steps=2)
+    opt = cls(model, groups, variant="sgd", lr=lr, **kw)
+    opt.step()
+    assert opt.zero_groups().tolist() == [True, False]
+    assert float((z - lr * lmbda * x / x.norm()) @ x) < 0
 
 
 def test_hspg_bounds_each_kind_and_keeps_the_penalty_after_the_bound():

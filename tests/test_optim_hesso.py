@@ -50,7 +50,8 @@ def test_cosine_criterion_calls_a_group_the_loss_shrinks_redundant():
     (ours) removes group 0; the authors' HESSO (importance cos + 1) would remove group 1."""
     model, groups = _model([1.0, 1.0, 1.0, 1.0, 5.0, 5.0], num_groups=3, size=2)
     grad = torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.3], dtype=torch.float64)
-    s = {"xx": torch.tensor([2.0, 2.0, 50.0]), "xd": torch.tensor([1.0, -1.0, 1.5]), "dd": torch.tensor([1.0, 1.0, 0.09])}
+    s = {"xx": torch.tensor([2.0, 2.0, 50.0]), "xd": torch.tensor([1.0, -1.0, 1.5]),
+         "dd": torch.tensor([1.0, 1.0, 0.09])}
     candidates = torch.tensor([True, True, False])
     for name, weight in (("cosine_similarity", 1.0), ("magnitude", 1.0), ("taylor_first_order", 1.0)):
         scores = importance_scores({name: weight}, s, groups.group_sizes, candidates)

@@ -51,13 +51,12 @@ class StepPlan:
     """What a method does to its groups in this step (vectors over all groups).
 
     ``penalty[g] = c`` is the group-lasso term on the positions ``penalized``, each tensor with its
-    own lr. Planned from ``"trial"`` statistics (before the base step), it is the *subgradient*
-    step: with ``c = lambda_g / ||x_g||`` at the current point the step becomes
+    own lr, planned from ``"trial"`` statistics (before the base step): the *subgradient* step,
+    with ``c = lambda_g / ||x_g||`` at the current point the step becomes
     ``keep*x_g - lr*d_g - lr*c*x_g`` (keep: AdamW's ``1 - lr*wd``, 1 otherwise), in the same pass
-    as the base step. Planned from ``"post"`` statistics (after the base
-    step), it multiplies by ``max(0, 1 - lr*c)``: with ``c = lambda_g / ||z_g||``, z the iterate
-    after the base step, the proximal operator of ``lambda_g ||x_g||``. ``shrink`` multiplies the
-    groups at ``shrunk`` after the base step; ``project`` sets groups to exactly zero and freezes them.
+    as the base step. ``shrink`` multiplies the groups at ``shrunk`` after the base step (HSPG's
+    proximal stage passes the proximal operator's factors there); ``project`` sets groups to
+    exactly zero and freezes them.
     """
 
     penalty: torch.Tensor | None = None
@@ -122,8 +121,8 @@ class BaseStep:
             self._trial_update(works, plan.penalty if penalty else None, plan.penalized if penalty else None)
         else:
             plan = self._plan(self._update(works, want))
-            if plan is not None and plan.penalty is not None and plan.penalized:
-                self._proximal_penalty(plan.penalty, plan.penalized)
+            if plan is not None and plan.penalty is not None:
+                raise RuntimeError("a penalty needs a plan made from 'trial' statistics")
         if plan is not None:
             self._correct(plan)
         self._oto["step"] += 1
@@ -342,16 +341,6 @@ class BaseStep:
                 d, alpha = (w.direction[j], -w.lr) if w.direction is not None else (w.denom[j], w.step_size[j])
                 scaled_step_(p, d, 1 - w.lr * w.decay, alpha, scales.get(i, ()))
             _foreach_step(w, plain)
-
-    def _proximal_penalty(self, coef: torch.Tensor, where: Positions) -> None:
-        """After the base step: ``z *= max(0, 1 - lr*c)`` at ``where`` (the proximal operator)."""
-        lrs = self._lr.tolist()
-        for i, dim, idx, grp, size in where.slices:
-            lr = lrs[i]
-            if lr == 0:
-                continue
-            p = self._gparams[i]
-            scale_positions_(p, dim, idx, (1.0 - lr * coef.to(p.device)[grp]).clamp_min(0), size)
 
     def _correct(self, plan: StepPlan) -> None:
         """After the base step: the schedule's shrink, then the projections."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..groups import ZeroInvariantGroups
 from .base import StepPlan, WindowedPruning, check_number
-from .halfspace import TRIAL_STEPS, deepest, proximal_trial, subgradient_trial
+from .halfspace import deepest, subgradient_trial
 
 #: Per-variant defaults of the authors' code: base lambda, amplification, and the cap of the
 #: adapted lambda as a multiple of the base one.
@@ -78,9 +78,6 @@ class DHSPG(WindowedPruning):
       longer window or a larger ``lmbda``.
     - Afterwards: the base optimizer; frozen groups stay exactly zero.
 
-    ``trial_step="proximal"`` takes the proximal step ``z_g * max(0, 1 - lr*lambda_g/||z_g||)``
-    (z = x - lr*d) instead (kept to compare; see :mod:`hf_oto.optim.halfspace`).
-
     Checked against the authors' DHSPG (``optimizer/dhspg.py`` and ``hyperparameter.py`` of
     tianyic/only_train_once before its HESSO rewrite, the same file as the ``only-train-once``
     2.0.16 release): the subgradient trial step on top of the base (SGD/Adam) direction and the
@@ -107,7 +104,7 @@ class DHSPG(WindowedPruning):
                  target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
                  pruning_periods: int = 1, lmbda: float | None = None, lmbda_amplify: float | None = None,
                  hat_lmbda_coeff: float | None = None, epsilon: float = 0.0, tolerance_group_sparsity: float = 0.05,
-                 trial_step: str = "subgradient", param_groups: Iterable[dict[str, Any]] | None = None) -> None:
+                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
         self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
         d_lmbda, d_amp, d_cap = LAMBDA_DEFAULTS.get(variant, LAMBDA_DEFAULTS["sgd"])
         self.lmbda = check_number("lmbda", d_lmbda if lmbda is None else lmbda, low=0.0)
@@ -117,9 +114,6 @@ class DHSPG(WindowedPruning):
         self.epsilon = check_number("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
         self.tolerance_group_sparsity = check_number("tolerance_group_sparsity", tolerance_group_sparsity,
                                                      low=0.0, high=1.0)
-        if trial_step not in TRIAL_STEPS:
-            raise ValueError(f"unknown trial_step {trial_step!r}; choose from {', '.join(TRIAL_STEPS)}")
-        self.trial_step = trial_step
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
         self._sizes = groups.group_sizes.to(self.device)
@@ -131,7 +125,7 @@ class DHSPG(WindowedPruning):
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), **{k: getattr(self, k) for k in (
-            "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity", "trial_step")}}
+            "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "tolerance_group_sparsity")}}
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -144,9 +138,7 @@ class DHSPG(WindowedPruning):
 
     def _wants_stats(self) -> str | None:
         where = self._where()
-        if where is None or not (where[1] == 0 or bool(self._oto["active"].any())):
-            return None
-        return "trial" if self.trial_step == "subgradient" else "post"
+        return "trial" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
 
     def _plan(self, s) -> StepPlan | None:
         where = self._where()
@@ -165,8 +157,7 @@ class DHSPG(WindowedPruning):
         room -= int(project.sum())
         lam = adaptive_lambdas(s, self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff)
         self._oto["lambdas"] = torch.where(nonzero, lam, torch.zeros_like(lam))
-        trial = subgradient_trial if self.trial_step == "subgradient" else proximal_trial
-        coef, cross, depth = trial(s, lam, nonzero, self.epsilon)
+        coef, cross, depth = subgradient_trial(s, lam, nonzero, self.epsilon)
         cross = deepest(cross, depth, room)
         project |= cross
         crossed = int(cross.sum())

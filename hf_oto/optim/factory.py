@@ -56,9 +56,8 @@ def create_oto_optimizer(
             target (hesso default 10, dhspg default 1; not used by hspg).
         param_groups: optional param group dicts (e.g. no weight decay on biases and norms).
         **method_kwargs: method options: ``importance_criteria`` (hesso); ``lmbda``,
-            ``lmbda_amplify``, ``hat_lmbda_coeff``, ``epsilon``, ``tolerance_group_sparsity``,
-            ``trial_step`` (dhspg); ``lmbda``, ``epsilon``, ``upper_group_sparsity``,
-            ``adapt_epsilon_every``, ``trial_step`` (hspg).
+            ``lmbda_amplify``, ``hat_lmbda_coeff``, ``epsilon``, ``tolerance_group_sparsity`` (dhspg);
+            ``lmbda``, ``epsilon``, ``upper_group_sparsity``, ``adapt_epsilon_every`` (hspg).
 
     The schedule follows the optimizer's own step counter, so a learning-rate scheduler can change
     ``param_group["lr"]`` freely.

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..groups import ZeroInvariantGroups
 from .base import GroupSparseOptimizer, StepPlan, check_int, check_number
-from .halfspace import TRIAL_STEPS, deepest, proximal_trial, subgradient_trial
+from .halfspace import deepest, subgradient_trial
 
 #: Default group-lasso weight per base variant (the authors' defaults).
 LMBDA_DEFAULTS = {"sgd": 1e-3, "adam": 1e-2, "adamw": 1e-2}
@@ -52,9 +52,9 @@ class HSPG(GroupSparseOptimizer):
     bound keep ``epsilon``.
 
     ``d`` is the base optimizer's direction (momentum / Adam scaling act on the loss gradient only;
-    the penalty stays outside them, like decoupled weight decay). ``trial_step="proximal"`` makes
-    the half-space stage take the proximal step of the first stage instead (kept to compare; see
-    :mod:`hf_oto.optim.halfspace` and ``docs/optimizers.md``).
+    the penalty stays outside them, like decoupled weight decay). The penalty keeps shrinking the
+    surviving groups after the bounds are met, as published: decay ``opt.lmbda`` yourself if you
+    want it to stop (the authors' scripts divide it by 10 at set epochs).
 
     Checked against the authors' HSPG (tianyic/only_train_once, the 2021 ``optimizer/hspg.py``
     and ``train/run_bert_squad.py``): the same subgradient trial step and half-space test, zero
@@ -82,7 +82,7 @@ class HSPG(GroupSparseOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lmbda: float | None = None, epsilon: float = 0.0, target_group_sparsity: float | None = None,
                  upper_group_sparsity: dict[str, float] | None = None, adapt_epsilon_every: int | None = None,
-                 start_pruning_step: int = 0, pruning_steps: int | None = None, trial_step: str = "subgradient",
+                 start_pruning_step: int = 0, pruning_steps: int | None = None,
                  param_groups: Iterable[dict[str, Any]] | None = None) -> None:
         self.lmbda = check_number("lmbda", LMBDA_DEFAULTS.get(variant, 1e-3) if lmbda is None else lmbda, low=0.0)
         self.epsilon = check_number("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
@@ -92,9 +92,6 @@ class HSPG(GroupSparseOptimizer):
         self.pruning_steps = None if pruning_steps is None else check_int("pruning_steps", pruning_steps, low=1)
         self.adapt_epsilon_every = None if adapt_epsilon_every is None else check_int(
             "adapt_epsilon_every", adapt_epsilon_every)
-        if trial_step not in TRIAL_STEPS:
-            raise ValueError(f"unknown trial_step {trial_step!r}; choose from {', '.join(TRIAL_STEPS)}")
-        self.trial_step = trial_step
         self.upper_group_sparsity = _check_bounds(upper_group_sparsity, groups)
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
@@ -144,7 +141,7 @@ class HSPG(GroupSparseOptimizer):
     def _config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "lmbda", "epsilon", "target_group_sparsity", "upper_group_sparsity", "adapt_epsilon_every",
-            "start_pruning_step", "pruning_steps", "trial_step")}
+            "start_pruning_step", "pruning_steps")}
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -167,9 +164,7 @@ class HSPG(GroupSparseOptimizer):
         phase = self.phase()
         if phase == "warmup":
             return "after"  # the proximal operator reads ||z_g|| only
-        if phase == "pruning":
-            return "trial" if self.trial_step == "subgradient" else "post"
-        return None
+        return "trial" if phase == "pruning" else None
 
     def _plan(self, s) -> StepPlan | None:
         phase = self.phase()
@@ -193,8 +188,7 @@ class HSPG(GroupSparseOptimizer):
             self._oto["num_proximal"] = int(zero.sum())
         epsilon = torch.where(self._kind_of >= 0, self._oto["epsilon"][self._kind_of.clamp_min(0)].float(),
                               torch.zeros((), device=self.device))
-        trial = subgradient_trial if self.trial_step == "subgradient" else proximal_trial
-        coef, cross, depth = trial(s, torch.full_like(s["xx"], self.lmbda), live, epsilon)
+        coef, cross, depth = subgradient_trial(s, torch.full_like(s["xx"], self.lmbda), live, epsilon)
         room = self._limits - self._zeros_per_kind(committed | zero)
         capped = torch.zeros_like(cross)
         for k in range(len(self._kinds)):  # a few kinds, not a loop over groups
