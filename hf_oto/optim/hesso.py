@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import StepPlan, WindowedPruning, check_number
+from .base import StepPlan, check_number
+from .selection import SelectionConfig
+from .windowed import WindowedPruning
 
 #: The importance criteria and the default mix (equal weights, as in the authors' code).
 DEFAULT_IMPORTANCE = {"magnitude": 0.2, "avg_magnitude": 0.2, "cosine_similarity": 0.2,
@@ -102,21 +104,25 @@ class HESSO(WindowedPruning):
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
-                 pruning_periods: int = 10, importance_criteria: dict[str, float] | None = None,
-                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
+                 target_group_sparsity: float | None = None, start_pruning_step: int = 0,
+                 pruning_steps: int | None = None, pruning_periods: int = 10,
+                 importance_criteria: dict[str, float] | None = None,
+                 param_groups: Iterable[dict[str, Any]] | None = None,
+                 selection: SelectionConfig | dict[str, Any] | None = None, example_inputs: Any = None) -> None:
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods, selection)
         self.importance_criteria = check_criteria(importance_criteria)
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
         self._sizes = groups.group_sizes.to(self.device)
+        self._init_selection(model, example_inputs)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "importance_criteria": dict(self.importance_criteria)}
 
     def _wants_stats(self) -> str | None:
         where = self._where()
-        return "pre" if where is not None and where[1] == 0 else None  # scores at period starts
+        # The mixed criterion scores the update direction at period starts; the others need no pass.
+        return "pre" if where is not None and where[1] == 0 and self.selection.saliency == "mixed" else None
 
     def _plan(self, s) -> StepPlan | None:
         where = self._where()
@@ -134,8 +140,8 @@ class HESSO(WindowedPruning):
                              torch.ones((), device=self.device))
         return StepPlan(shrink=factor, shrunk=self._positions("active", active))
 
-    def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
-        def score(candidates: torch.Tensor) -> torch.Tensor:
+    def _start_period(self, period: int, s: dict[str, torch.Tensor] | None) -> None:
+        def mix(candidates: torch.Tensor) -> torch.Tensor:
             return importance_scores(self.importance_criteria, s, self._sizes, candidates)
 
-        self._choose_redundant(self._period_target(period), score)
+        self._choose_redundant(period, mix)
