@@ -135,14 +135,18 @@ class WindowedPruning(GroupSparseOptimizer):
         super()._set_config(config)
 
     def metrics(self) -> dict[str, float]:
-        out = super().metrics()
+        return {**super().metrics(), **self.selection_metrics()}
+
+    def selection_metrics(self) -> dict[str, float]:
+        """With a FLOPs or parameter target: the target and the kept share planned so far (the
+        groups frozen or shrinking now all removed), as fractions of the dense model."""
         unit = self.selection.unit
-        if unit != "groups":
-            planned = self._oto["committed"] | self._oto["active"]
-            total = self._selector.total()
-            out[f"target_kept_{unit}"] = float(self.selection.target_kept)
-            out[f"planned_kept_{unit}"] = (total - self._selector.removed(planned)) / total
-        return out
+        if unit == "groups":
+            return {}
+        planned = self._oto["committed"] | self._oto["active"]
+        total = self._selector.total()
+        return {f"target_kept_{unit}": float(self.selection.target_kept),
+                f"planned_kept_{unit}": (total - self._selector.removed(planned)) / total}
 
     # -- schedule ------------------------------------------------------------------------------
     def phase(self) -> str:
