@@ -202,10 +202,10 @@ def main() -> None:
         kw = dict(lr=1e-5, weight_decay=0.01)
         if variant == "sgd":
             kw["momentum"] = 0.9
-        if method != "hspg" and "target_kept_flops" not in settings:
-            kw["target_group_sparsity"] = 0.5
-        else:
+        if method == "hspg":
             kw["lmbda"] = 1e-3
+        elif "target_kept_flops" not in settings:
+            kw["target_group_sparsity"] = 0.5
         opt = create_oto_optimizer(model, groups, method=method, variant=variant, **kw, **settings)
         opt.step()  # allocate the state (and, where _skip says so, move into the phase)
         for _ in range(skip - 1):
