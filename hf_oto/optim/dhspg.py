@@ -61,8 +61,10 @@ class DHSPG(WindowedPruning):
     - ``[0, start_pruning_step)``: plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps, in ``pruning_periods`` periods (default 1: one partition,
       as in the authors' code). At the start of period p, the non-frozen prunable groups are scored
-      (:func:`redundancy_scores`) and the most redundant ones form the redundant set R: as many as
-      the period must zero, plus ``tolerance_group_sparsity * num_prunable`` spare ones. Important
+      by ``selection.saliency`` (as HESSO; ``"mixed"``: :func:`redundancy_scores`) and the least
+      important form the redundant set R: as many as the period must zero, plus
+      ``tolerance_group_sparsity * num_prunable`` spare ones (none under a FLOPs or parameter
+      target or ``group_divisible``, where R is exactly the cost-weighted choice). Important
       groups get the plain base step. Each group of R gets the base step ``z = x - lr*d`` and
       then the group-lasso proximal shrink ``y_g = z_g * max(0, 1 - lr * lambda_g/||z_g||)`` with
       the adaptive ``lambda_g`` of :func:`adaptive_lambdas`, and the half-space test: if

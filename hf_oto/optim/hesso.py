@@ -70,8 +70,10 @@ class HESSO(WindowedPruning):
     - steps ``[0, start_pruning_step)``: the plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps: the pruning window, split into ``pruning_periods`` equal
       periods (the last one takes the remainder). At the first step of each period the groups are
-      scored (see :func:`importance_scores`) and the least important of the remaining prunable
-      groups become redundant, so that by the end of period p the cumulative count is
+      scored by ``selection.saliency`` (:mod:`hf_oto.optim.selection`; default ``"fisher"`` from the
+      raw gradients, ``"mixed"`` the published mix of :func:`importance_scores`) and the least
+      important of the remaining prunable groups become redundant, so that by the end of period p
+      the cumulative count is
       ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity * num_prunable)``. During the
       period a redundant group gets its base step and is then multiplied by ``(L - t - 1)/(L - t)``
       (t: step inside the period of length L): its size shrinks linearly to exactly zero at the
@@ -80,6 +82,11 @@ class HESSO(WindowedPruning):
 
     No selection empties a layer (``compress`` keeps one group per dimension anyway), so at the end
     of the window exactly K prunable groups are zero and :func:`hf_oto.compress` removes them all.
+
+    ``selection`` (a :class:`~hf_oto.optim.selection.SelectionConfig` or its dict; the factory takes
+    its fields as keywords) can replace the group target by a kept share of the FLOPs (counted on
+    ``example_inputs``, default those ``find_groups`` traced) or parameters, each period removing an
+    equal share of it with groups weighed by their cost, and align every layer's kept count.
 
     Confirmed against the authors' public code (``optimizer/hesso.py`` and ``importance_score/``,
     see :mod:`hf_oto.optim.base`): same warm-up/period structure and per-period counts (their K is
