@@ -587,3 +587,12 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 if mine.numel() == 0:  # emptied by frozen groups alone: nothing left to give back
                     return mask
                 mask[mine[torch.argmax(priority[mine])]] = False
+
+
+def __getattr__(name: str) -> Any:
+    # The pruning window moved to windowed.py; code written against base keeps importing it from here.
+    if name in ("WindowedPruning", "schedule_period", "cumulative_targets"):
+        from . import windowed
+
+        return getattr(windowed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
