@@ -1,12 +1,12 @@
-"""Shared scaffolding of the group-sparsity optimizers: construction, group state, reporting,
-checkpoint state, the choice of groups and the pruning-window schedule.
+"""Shared scaffolding of the group-sparsity optimizers: construction, group state, reporting and
+checkpoint state.
 
 Every optimizer here is a ``torch.optim.Optimizer`` over all trainable parameters of a model.
 Its step (the base SGD/Adam/AdamW step, the group statistics, the corrections a method plans) is
-:class:`hf_oto.optim.base_step.BaseStep`; this module holds the rest: :class:`GroupSparseOptimizer`
-(arguments, state, metrics, ``state_dict``), the selection helpers (``_select``, ``_feasible``:
-which groups, never emptying a layer) and :class:`WindowedPruning` (warm-up, pruning window split
-into periods) that HESSO and DHSPG share.
+:class:`hf_oto.optim.base_step.BaseStep`; this module holds the rest:
+:class:`GroupSparseOptimizer` (arguments, state, metrics, ``state_dict``, ``_feasible``: never
+emptying a layer). The pruning window that HESSO and DHSPG share is
+:class:`hf_oto.optim.windowed.WindowedPruning`; the choice of groups, :mod:`hf_oto.optim.selection`.
 
 Reference: the Only-Train-Once authors' public code, read, never copied: tianyic/only_train_once
 (its history holds HSPG, 2021, and DHSPG, up to the HESSO rewrite of Dec 2023) and the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -263,25 +263,6 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         return where
 
 
-    # -- helpers for the methods ---------------------------------------------------------------
-    def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """The ``count`` candidates with the lowest ``priority`` such that removing them with the
-        frozen groups leaves every layer at least one group (``compress`` could not remove them
-        all). Ties break by group index (stable sort): deterministic."""
-        blocked = torch.zeros_like(candidates)
-        while True:
-            chosen = torch.zeros_like(candidates)
-            if count <= 0:
-                return chosen
-            score = priority.float().clone()
-            score[~candidates | blocked] = float("inf")
-            order = torch.sort(score, stable=True).indices[:count]
-            chosen[order[torch.isfinite(score[order])]] = True
-            feasible = self._feasible(chosen, priority)
-            if torch.equal(feasible, chosen):
-                return chosen
-            blocked |= chosen & ~feasible  # never pick those again; the next-best fill their places
-
     def _feasible(self, mask: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
         """``mask`` minus, in every layer it would empty together with the frozen groups, its
         member of highest ``priority`` (repeated until no layer is emptied)."""
@@ -300,76 +281,10 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
                 mask[mine[torch.argmax(priority[mine])]] = False
 
 
-class WindowedPruning(GroupSparseOptimizer):
-    """The schedule HESSO and DHSPG share: ``start_pruning_step`` warm-up steps, then a window of
-    ``pruning_steps`` steps split into ``pruning_periods`` periods, each zeroing an equal share of
-    the target, then the base optimizer alone (all counted in optimizer steps)."""
+def __getattr__(name: str) -> Any:
+    # The pruning window moved to windowed.py; code written against base keeps importing it from here.
+    if name in ("WindowedPruning", "schedule_period", "cumulative_targets"):
+        from . import windowed
 
-    def _init_schedule(self, target_group_sparsity: float, start_pruning_step: int, pruning_steps: int | None,
-                       pruning_periods: int) -> None:
-        self.target_group_sparsity = check_number("target_group_sparsity", target_group_sparsity,
-                                                  low=0.0, high=1.0, high_open=True)
-        self.start_pruning_step = check_int("start_pruning_step", start_pruning_step)
-        if pruning_steps is None:
-            raise ValueError("pruning_steps is required: the number of optimizer steps over which the "
-                             "redundant groups are brought to zero")
-        self.pruning_steps = check_int("pruning_steps", pruning_steps, low=1)
-        self.pruning_periods = check_int("pruning_periods", pruning_periods, low=1)
-        if self.pruning_periods > self.pruning_steps:
-            raise ValueError(f"pruning_periods ({pruning_periods}) must be <= pruning_steps ({pruning_steps})")
-
-    @property
-    def target_num_zero_groups(self) -> int:
-        return int(self.target_group_sparsity * self.num_prunable + 1e-9)
-
-    def _config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "target_group_sparsity", "start_pruning_step", "pruning_steps", "pruning_periods")}
-
-    def phase(self) -> str:
-        k = self.step_count
-        if k < self.start_pruning_step:
-            return "warmup"
-        return "pruning" if k < self.start_pruning_step + self.pruning_steps else "finished"
-
-    def _where(self) -> tuple[int, int, int] | None:
-        """``(period, step in period, period length)`` of the next step, None outside the window."""
-        return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
-
-    def _period_target(self, period: int) -> int:
-        """Zero groups to reach by the end of ``period``."""
-        return cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
-
-    def _choose_redundant(self, target: int, priority: Callable[[torch.Tensor], torch.Tensor],
-                          extra: int = 0) -> None:
-        """Start a period: the groups still missing to ``target`` zero groups (plus ``extra``)
-        with the lowest ``priority(candidates)`` become active; candidates are the prunable groups
-        not yet frozen."""
-        committed = self._oto["committed"]
-        count = target - int(committed.sum())
-        candidates = self._prunable & ~committed
-        if count <= 0 or not candidates.any():
-            return
-        self._oto["active"] = self._select(count + extra, priority(candidates), candidates)
-
-
-def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[int, int, int] | None:
-    """Where ``step`` (0-based) falls in a pruning window of ``steps`` steps split into ``periods``.
-
-    Returns ``(period, t, length)``: the period index, the step's index inside it and the period's
-    length (the last period also takes the remainder of ``steps / periods``), or None outside the
-    window.
-    """
-    j = step - start
-    if j < 0 or j >= steps:
-        return None
-    base = steps // periods
-    p = min(j // base, periods - 1)
-    begin = p * base
-    length = (steps - begin) if p == periods - 1 else base
-    return p, j - begin, length
-
-
-def cumulative_targets(total: int, periods: int) -> list[int]:
-    """Zero groups to reach by the end of each period: evenly spread, the last one exactly ``total``."""
-    return [(total * (p + 1)) // periods for p in range(periods)]
+        return getattr(windowed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

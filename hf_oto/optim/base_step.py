@@ -86,6 +86,11 @@ class BaseStep:
     #: Whether the plans use ``dd`` (||d_g||^2): a reduction over every grouped entry when they do.
     _stats_dd = True
 
+    def _before_step(self) -> None:
+        """Reads the raw gradients before the base step transforms them (frozen groups' entries
+        already zero); the pruning window accumulates its saliency here."""
+        return None
+
     def _wants_stats(self) -> str | None:
         """Whether this step's plan needs group statistics: None, ``"pre"`` (of the parameters and
         direction before the step, gathered while the step is applied), ``"post"`` (also of the
@@ -113,6 +118,7 @@ class BaseStep:
             PrunableIndex.fill_([p.grad for p in self._gparams], frozen)
             if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
                 self._fill_frozen_exp_avg_sq(frozen)
+        self._before_step()
         works = self._prepare()
         want = self._wants_stats()
         if want == "trial":

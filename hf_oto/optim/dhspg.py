@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import StepPlan, WindowedPruning, check_number
+from .base import StepPlan, check_number
 from .halfspace import deepest, subgradient_trial
+from .selection import SelectionConfig
+from .windowed import WindowedPruning
 
 #: Per-variant defaults of the authors' code: base lambda, amplification, and the cap of the
 #: adapted lambda as a multiple of the base one.
@@ -60,8 +62,10 @@ class DHSPG(WindowedPruning):
     - ``[0, start_pruning_step)``: plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps, in ``pruning_periods`` periods (default 1: one partition,
       as in the authors' code). At the start of period p, the non-frozen prunable groups are scored
-      (:func:`redundancy_scores`) and the most redundant ones form the redundant set R: as many as
-      the period must zero, plus ``tolerance_group_sparsity * num_prunable`` spare ones. Important
+      by ``selection.saliency`` (as HESSO; ``"mixed"``: :func:`redundancy_scores`) and the least
+      important form the redundant set R: as many as the period must zero, plus
+      ``tolerance_group_sparsity * num_prunable`` spare ones (none under a FLOPs or parameter
+      target or ``group_divisible``, where R is exactly the cost-weighted choice). Important
       groups get the plain base step. Each group of R takes the subgradient step
       ``y_g = x_g - lr*d_g - lr*lambda_g*x_g/||x_g||`` with the adaptive ``lambda_g`` of
       :func:`adaptive_lambdas` (d: the base direction), and the half-space test: if ``y_g`` leaves
@@ -101,11 +105,12 @@ class DHSPG(WindowedPruning):
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
-                 pruning_periods: int = 1, lmbda: float | None = None, lmbda_amplify: float | None = None,
-                 hat_lmbda_coeff: float | None = None, epsilon: float = 0.0, tolerance_group_sparsity: float = 0.05,
-                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
+                 target_group_sparsity: float | None = None, start_pruning_step: int = 0,
+                 pruning_steps: int | None = None, pruning_periods: int = 1, lmbda: float | None = None,
+                 lmbda_amplify: float | None = None, hat_lmbda_coeff: float | None = None, epsilon: float = 0.0,
+                 tolerance_group_sparsity: float = 0.05, param_groups: Iterable[dict[str, Any]] | None = None,
+                 selection: SelectionConfig | dict[str, Any] | None = None, example_inputs: Any = None) -> None:
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods, selection)
         d_lmbda, d_amp, d_cap = LAMBDA_DEFAULTS.get(variant, LAMBDA_DEFAULTS["sgd"])
         self.lmbda = check_number("lmbda", d_lmbda if lmbda is None else lmbda, low=0.0)
         self.lmbda_amplify = check_number("lmbda_amplify", d_amp if lmbda_amplify is None else lmbda_amplify, low=1.0)
@@ -122,6 +127,7 @@ class DHSPG(WindowedPruning):
             "num_halfspace": 0,
             "num_forced": 0,
         })
+        self._init_selection(model, example_inputs)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), **{k: getattr(self, k) for k in (
@@ -145,9 +151,9 @@ class DHSPG(WindowedPruning):
         if where is None:
             return None
         period, t, length = where
-        target = self._period_target(period)
         if t == 0:
-            self._start_period(target, s)
+            self._start_period(period, s)
+        target = self._period_target(period)
         active = self._oto["active"]
         if not active.any():
             return None
@@ -179,7 +185,7 @@ class DHSPG(WindowedPruning):
             return StepPlan(project=project)
         return StepPlan(penalty=coef, penalized=self._positions("active", active), project=project)
 
-    def _start_period(self, target: int, s: dict[str, torch.Tensor]) -> None:
-        # _select takes the lowest priority: negate the redundancy.
-        self._choose_redundant(target, lambda candidates: -redundancy_scores(s, self._sizes, candidates),
+    def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
+        # The mixed criterion is a redundancy: its negation is the importance.
+        self._choose_redundant(period, lambda candidates: -redundancy_scores(s, self._sizes, candidates),
                                extra=math.ceil(self.tolerance_group_sparsity * self.num_prunable))

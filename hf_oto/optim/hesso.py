@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import StepPlan, WindowedPruning, check_number
+from .base import StepPlan, check_number
+from .selection import SelectionConfig
+from .windowed import WindowedPruning
 
 #: The importance criteria and the default mix (equal weights, as in the authors' code).
 DEFAULT_IMPORTANCE = {"magnitude": 0.2, "avg_magnitude": 0.2, "cosine_similarity": 0.2,
@@ -74,24 +76,30 @@ class HESSO(WindowedPruning):
     - steps ``[0, start_pruning_step)``: the plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps: the pruning window, split into ``pruning_periods`` equal
       periods (the last one takes the remainder). At the first step of each period the groups are
-      scored (see :func:`importance_scores`) and the least important of the remaining prunable
-      groups become redundant, so that by the end of period p the cumulative count is
-      ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity * num_prunable)``. During a
-      period of L steps a redundant group gets its base step and is then multiplied by
-      ``(L - t - 2)/(L - t - 1)`` (t = 0, 1, ...: the step inside the period), so its size shrinks
-      linearly to exactly zero at step ``t = L - 2`` (at once when L = 1), when it is frozen; the
-      period's last step trains the remaining groups with the new zeros in place;
+      scored by ``selection.saliency`` (:mod:`hf_oto.optim.selection`; default ``"fisher"`` from the
+      raw gradients, ``"mixed"`` the published mix of :func:`importance_scores`) and the least
+      important of the remaining prunable groups become redundant, so that by the end of period p
+      the cumulative count is ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity *
+      num_prunable)``. During a period of L steps a redundant group gets its base step and is then
+      multiplied by ``(L - t - 2)/(L - t - 1)`` (t = 0, 1, ...: the step inside the period), so its
+      size shrinks linearly to exactly zero at step ``t = L - 2`` (at once when L = 1), when it is
+      frozen; the period's last step trains the remaining groups with the new zeros in place;
     - afterwards: the base optimizer on the remaining groups; the K frozen groups stay exactly zero.
 
     No selection empties a layer (``compress`` keeps one group per dimension anyway), so at the end
     of the window exactly K prunable groups are zero and :func:`hf_oto.compress` removes them all.
 
+    ``selection`` (a :class:`~hf_oto.optim.selection.SelectionConfig` or its dict; the factory takes
+    its fields as keywords) can replace the group target by a kept share of the FLOPs (counted on
+    ``example_inputs``, default those ``find_groups`` traced) or parameters, each period removing an
+    equal share of it with groups weighed by their cost, and align every layer's kept count.
+
     Checked against the authors' HESSO (``only_train_once/optimizer/hesso.py`` and
     ``importance_score/`` of the ``only-train-once`` 3.0.1 release and tianyic/only_train_once;
     ``tests/test_optim_parity.py`` runs it next to this class and compares weights step by step):
 
-    - the same: warm-up, one scoring per period on the parameters before the step and the base
-      direction of the step, the five criteria each divided by its L2 norm over the groups and
+    - the same (with ``saliency="mixed"``): warm-up, one scoring per period on the parameters
+      before the step and the base direction of the step, the five criteria each divided by its L2 norm over the groups and
       mixed 0.2 each, K = ``int(target * N)``, the shrink after the base step, and its span: their
       step counter starts at 1 inside a period, so their groups reach zero after L - 1 of the L
       steps, as ours do.
@@ -120,21 +128,25 @@ class HESSO(WindowedPruning):
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
-                 pruning_periods: int = 10, importance_criteria: dict[str, float] | None = None,
-                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
+                 target_group_sparsity: float | None = None, start_pruning_step: int = 0,
+                 pruning_steps: int | None = None, pruning_periods: int = 10,
+                 importance_criteria: dict[str, float] | None = None,
+                 param_groups: Iterable[dict[str, Any]] | None = None,
+                 selection: SelectionConfig | dict[str, Any] | None = None, example_inputs: Any = None) -> None:
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods, selection)
         self.importance_criteria = check_criteria(importance_criteria)
         super().__init__(model, groups, variant=variant, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, param_groups=param_groups)
         self._sizes = groups.group_sizes.to(self.device)
+        self._init_selection(model, example_inputs)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "importance_criteria": dict(self.importance_criteria)}
 
     def _wants_stats(self) -> str | None:
         where = self._where()
-        return "pre" if where is not None and where[1] == 0 else None  # scores at period starts
+        # The mixed criterion scores the update direction at period starts; the others need no pass.
+        return "pre" if where is not None and where[1] == 0 and self.selection.saliency == "mixed" else None
 
     def _plan(self, s) -> StepPlan | None:
         where = self._where()
@@ -153,8 +165,8 @@ class HESSO(WindowedPruning):
                              torch.ones((), device=self.device))
         return StepPlan(shrink=factor, shrunk=self._positions("active", active))
 
-    def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
-        def score(candidates: torch.Tensor) -> torch.Tensor:
+    def _start_period(self, period: int, s: dict[str, torch.Tensor] | None) -> None:
+        def mix(candidates: torch.Tensor) -> torch.Tensor:
             return importance_scores(self.importance_criteria, s, self._sizes, candidates)
 
-        self._choose_redundant(self._period_target(period), score)
+        self._choose_redundant(period, mix)
