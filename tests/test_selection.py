@@ -405,7 +405,9 @@ def test_resume_keeps_the_accumulated_scores_and_the_cost_selection_bit_exact():
     _train(model, opt, "bert-qa", range(10))
     straight = [p.detach().clone() for p in model.parameters()]
     model, opt = fresh()
-    _train(model, opt, "bert-qa", range(4))  # inside the window, scores half accumulated
+    # Step 3 selects (and starts accumulating afresh), step 4 adds one batch of the two that the
+    # selection at step 5 reads: stopped there, the scores are half accumulated.
+    _train(model, opt, "bert-qa", range(5))
     assert opt._oto["saliency_batches"] > 0
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -414,7 +416,7 @@ def test_resume_keeps_the_accumulated_scores_and_the_cost_selection_bit_exact():
     model, opt = fresh()
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    _train(model, opt, "bert-qa", range(4, 10))
+    _train(model, opt, "bert-qa", range(5, 10))
     for a, b in zip(straight, model.parameters()):
         assert torch.equal(a, b)
     assert opt.state_dict()["oto"]["config"]["selection"]["target_kept_flops"] == 0.6
