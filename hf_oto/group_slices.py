@@ -92,9 +92,11 @@ def segment_layout(index: torch.Tensor, group: torch.Tensor, size: int) -> tuple
 def ragged_width(per_outer: Sequence[torch.Tensor], size: int) -> int:
     """Width of a per-expert dim of ``size``: per segment the widest expert's kept count, rounded
     up to a multiple of 8 (the grouped-matmul kernels want 16-byte aligned strides) but no wider
-    than the segment was."""
+    than the segment was. At least one position stays: when every kept expert lost all its
+    neurons (its whole-expert group kept, its neurons removed), zero-padded neurons compute the
+    zeros the sparse model did, and the dim never becomes empty."""
     k = per_outer[0].shape[1] if per_outer else 1
-    widest = max((p.shape[0] for p in per_outer), default=0)
+    widest = max(max((p.shape[0] for p in per_outer), default=0), 1)
     return k * min(size // k, -(-widest // 8) * 8)
 
 

@@ -39,6 +39,8 @@ class CompressionReport:
     latency_before_s: float | None = None
     latency_after_s: float | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)  # {layer, kind, total, removed}
+    num_prunable_groups: int = 0
+    num_removed_groups: int = 0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {metric: value}
     settings: dict[str, Any] = field(default_factory=dict)
     command: str = ""
@@ -75,6 +77,16 @@ def _human(n: float) -> str:
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}P"
+
+
+def _target_line(settings: dict[str, Any]) -> str:
+    """The run's target as set (FLOPs, parameters or a share of the groups)."""
+    for key, what in (("target_kept_flops", "kept FLOPs"), ("target_kept_params", "kept parameters")):
+        if settings.get(key) is not None:
+            return f"{what} {settings[key]}"
+    if settings.get("target_group_sparsity") is not None:
+        return f"group sparsity {settings['target_group_sparsity']}"
+    return ""
 
 
 def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>") -> ModelCard:
@@ -120,12 +132,23 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
         f"| FLOPs ({report.flops_inputs or 'example inputs'}) | {_human(report.flops_before)} | "
         f"{_human(report.flops_after)} | {_ratio(report.flops_before, report.flops_after)} |",
     ]
+    if report.num_prunable_groups:
+        kept = report.num_prunable_groups - report.num_removed_groups
+        lines.append(f"| prunable groups (heads, neurons, channels) | {report.num_prunable_groups} | {kept} | "
+                     f"{report.num_removed_groups / report.num_prunable_groups:.1%} removed |")
     if report.latency_before_s and report.latency_after_s:
         lines.append(f"| CPU latency | {report.latency_before_s * 1000:.1f} ms | {report.latency_after_s * 1000:.1f} ms "
                      f"| {_ratio(report.latency_before_s, report.latency_after_s)} |")
     if report.quantization:
         lines.append(f"| weights (OPQ) | 32 bits | {report.quantization.get('bits_per_weight', 0):.2f} bits | "
                      f"{report.quantization.get('compression_rate', 0):.2f}x |")
+    kept = [f"{report.params_after / report.params_before:.1%} of the parameters" if report.params_before else "",
+            f"{report.flops_after / report.flops_before:.1%} of the FLOPs" if report.flops_before else "",
+            f"group sparsity {report.num_removed_groups / report.num_prunable_groups:.1%}"
+            if report.num_prunable_groups else ""]
+    target = _target_line(report.settings)
+    if any(kept):
+        lines += ["", "Kept: " + ", ".join(k for k in kept if k) + "." + (f" Target: {target}." if target else "")]
     if report.layers:
         lines += ["", "## What was removed", "", "| layer | kind | groups | removed | kept |",
                   "| --- | --- | ---: | ---: | ---: |"]

@@ -119,45 +119,20 @@ class CompressionEstimator:
     """Parameters and FLOPs the model would keep if the given groups were removed, without
     building the compressed model: what the trainer logs while training.
 
-    FLOPs are the dense per-module FLOPs (measured once) scaled by the kept fraction of each
-    module's own parameters, or, for modules computing without parameters of their own (the
-    attention product), by the kept fraction of the parameters beneath them.
+    The counts come from :class:`hf_oto.costs.GroupCosts`, which the optimizers' FLOPs and
+    parameter targets use too: they equal what :func:`num_parameters` and :func:`count_flops`
+    report for the compressed model.
     """
 
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, inputs: Any) -> None:
+        from .costs import GroupCosts  # costs builds on this module's counters
+
         self.groups = groups
-        self.total_flops, subtree = count_flops(model, inputs, by_module=True)
-        # A module's own FLOPs are its subtree's minus its nearest recorded descendants' (containers
-        # such as ModuleList never run, so they have no entry of their own).
-        own = dict(subtree)
-        for name, total in subtree.items():
-            parts = name.split(".") if name else []
-            for cut in range(len(parts) - 1, -1, -1):
-                parent = ".".join(parts[:cut])
-                if parent in subtree and parent != name:
-                    own[parent] -= total
-                    break
-        self.own_flops = own
-        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        self.total_params = num_parameters(model)
+        self.costs = GroupCosts.measure(model, groups, inputs)
+        self.total_flops = self.costs.total("flops")
+        self.total_params = self.costs.total("params")
 
     def estimate(self, remove: torch.Tensor) -> tuple[int, int]:
         """``(kept parameters, kept FLOPs)`` if the groups in ``remove`` were removed."""
-        plan = self.groups.removal_plan(self.groups.feasible_removal(remove))
-        kept_numel = {}
-        for name, shape in self.shapes.items():
-            dims = plan.get(name, {})
-            kept_numel[name] = math.prod(len(dims[d]) if d in dims else n for d, n in enumerate(shape))
-        removed = sum(math.prod(self.shapes[n]) - kept_numel[n] for n in plan if n in self.shapes)
-        flops = 0.0
-        for module, own in self.own_flops.items():
-            flops += own * (self._fraction(kept_numel, module, own_only=True)
-                            or self._fraction(kept_numel, module, own_only=False) or 1.0)
-        return self.total_params - removed, int(round(flops))
-
-    def _fraction(self, kept: dict[str, int], module: str, own_only: bool) -> float | None:
-        prefix = module + "." if module else ""
-        names = [n for n in self.shapes if n.startswith(prefix)
-                 and (not own_only or "." not in n[len(prefix):])]
-        total = sum(math.prod(self.shapes[n]) for n in names)
-        return sum(kept[n] for n in names) / total if total else None
+        remove = self.groups.feasible_removal(remove)
+        return (int(round(self.costs.kept(remove, "params"))), int(round(self.costs.kept(remove, "flops"))))

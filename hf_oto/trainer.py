@@ -199,7 +199,7 @@ class OTOTrainer(Trainer):
             raise ValueError(f"{name} has no prunable group with these settings; see find_groups(...).summary():\n"
                              + groups.summary())
         target = self.args.target_group_sparsity
-        if math.ceil(target * groups.num_prunable) >= groups.num_prunable:
+        if target is not None and math.ceil(target * groups.num_prunable) >= groups.num_prunable:
             raise ValueError(f"target_group_sparsity={target} would remove all {groups.num_prunable} prunable groups "
                              f"of {name}; choose a smaller target")
 
@@ -237,7 +237,8 @@ class OTOTrainer(Trainer):
             options=dict(args.oto_method_kwargs), target_group_sparsity=args.target_group_sparsity,
             variant=args.oto_variant, pruning_start_step=start, pruning_end_step=end,
             pruning_periods=args.oto_pruning_periods,
-            decay_parameter_names=self.get_decay_parameter_names(self.model))
+            decay_parameter_names=self.get_decay_parameter_names(self.model),
+            selection=args.selection().to_dict(), example_inputs=self._oto_inputs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self._oto_ready:
@@ -297,7 +298,10 @@ class OTOTrainer(Trainer):
             flops_before=self._oto_dense["flops"], flops_after=count_flops(small, inputs),
             flops_inputs=_describe(inputs), settings=self.args.oto_summary(), command=self._oto_command)
         if groups is not None and removed is not None:
-            report.layers = _layer_table(groups, groups.feasible_removal(removed))
+            removed = groups.feasible_removal(removed)
+            report.layers = _layer_table(groups, removed)
+            report.num_prunable_groups = groups.num_prunable
+            report.num_removed_groups = int((removed & groups.prunable_mask).sum())
         if self.args.oto_measure_latency and self.is_world_process_zero():
             report.latency_before_s, report.latency_after_s = measure_latency(model, small, inputs=inputs)
         self.oto_report = report

@@ -8,6 +8,10 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .graph.config import GroupConfig
+from .optim.selection import DEFAULT_SALIENCY, SelectionConfig
+
+#: Methods that choose groups by saliency and accept FLOPs/parameter targets and aligned counts.
+_SELECTING_METHODS = ("hesso", "dhspg")
 
 
 @dataclass
@@ -21,6 +25,9 @@ class OTOTrainingArguments(TrainingArguments):
         >>> args = OTOTrainingArguments(output_dir="out", oto_method="dhspg", target_group_sparsity=0.5)
         >>> args.group_config().prune_hidden
         False
+        >>> args = OTOTrainingArguments(output_dir="out", target_kept_flops=0.5, oto_group_divisible=8)
+        >>> args.selection().unit, args.target_group_sparsity
+        ('flops', None)
     """
 
     oto_method: str = field(
@@ -28,8 +35,24 @@ class OTOTrainingArguments(TrainingArguments):
         metadata={"help": "Compression method: hesso, dhspg, hspg (group-sparsity optimizers), sfw, dsp, opq, "
                           "or magnitude (one-shot baseline)."},
     )
-    target_group_sparsity: float = field(
-        default=0.5, metadata={"help": "Fraction of the prunable groups to remove, in [0, 1)."})
+    target_group_sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of the prunable groups to remove, in [0, 1) (default 0.5 unless "
+                          "target_kept_flops or target_kept_params is set)."})
+    target_kept_flops: float | None = field(
+        default=None,
+        metadata={"help": "hesso/dhspg: keep at most this fraction of the forward FLOPs (on the example inputs), "
+                          "in (0, 1]; groups are weighed by what they cost."})
+    target_kept_params: float | None = field(
+        default=None, metadata={"help": "hesso/dhspg: keep at most this fraction of the parameters, in (0, 1]."})
+    oto_saliency: str = field(
+        default=DEFAULT_SALIENCY,
+        metadata={"help": "hesso/dhspg: how each pruning period ranks the groups: fisher, taylor (loss-based, "
+                          "from the raw gradients), mixed (the method's published mix) or magnitude."})
+    oto_group_divisible: int = field(
+        default=1,
+        metadata={"help": "hesso/dhspg: every layer keeps a multiple of this many heads, neurons or channels "
+                          "(8 or 64 suit GPU matmul tiles)."})
     oto_variant: str = field(
         default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
     oto_pruning_start: float = field(
@@ -81,8 +104,6 @@ class OTOTrainingArguments(TrainingArguments):
             from .methods.opq import OPQConfig
 
             OPQConfig.from_dict(self.oto_post_quantize)  # unknown or invalid options fail here
-        if not 0.0 <= self.target_group_sparsity < 1.0:
-            raise ValueError(f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}")
         if self.oto_variant not in ("sgd", "adam", "adamw"):
             raise ValueError(f"oto_variant must be sgd, adam or adamw, got {self.oto_variant!r}")
         for name in ("oto_pruning_start", "oto_pruning_end"):
@@ -94,6 +115,21 @@ class OTOTrainingArguments(TrainingArguments):
 
         if self.oto_method not in available_methods():
             raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
+        selection = SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
+                                    target_kept_params=self.target_kept_params,
+                                    group_divisible=self.oto_group_divisible)  # ValueError on bad values
+        if selection.unit != "groups" or selection.group_divisible > 1:
+            option = f"target_kept_{selection.unit}" if selection.unit != "groups" else "oto_group_divisible"
+            if self.oto_method not in _SELECTING_METHODS:
+                raise ValueError(f"{option} applies to oto_method hesso or dhspg, not {self.oto_method!r}")
+        if selection.unit != "groups":
+            if self.target_group_sparsity is not None:
+                raise ValueError(f"set one target: target_group_sparsity={self.target_group_sparsity} and "
+                                 f"target_kept_{selection.unit}={selection.target_kept} conflict")
+        elif self.target_group_sparsity is None:
+            self.target_group_sparsity = 0.5
+        if self.target_group_sparsity is not None and not 0.0 <= self.target_group_sparsity < 1.0:
+            raise ValueError(f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}")
 
     def group_config(self) -> GroupConfig:
         """The :class:`GroupConfig` these arguments describe."""
@@ -114,7 +150,11 @@ class OTOTrainingArguments(TrainingArguments):
             raise ValueError(f"the pruning window ends at step {end}, after the last training step {total_steps}")
         return start, end
 
+    def selection(self) -> SelectionConfig:
+        """The :class:`~hf_oto.optim.selection.SelectionConfig` of hesso/dhspg these arguments describe."""
+        return SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
+                               target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible)
+
     def oto_summary(self) -> dict[str, Any]:
         """The OTO settings, for checkpoints and the model card."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("oto_")
-                or k == "target_group_sparsity"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith(("oto_", "target_"))}

@@ -157,14 +157,21 @@ def test_eager_experts_loop_groups_neurons_across_experts():
     assert relative_difference(reference, outputs(compress(model, groups), inputs)) <= 1e-5
 
 
-def test_hesso_training_prunes_per_expert_groups_and_compress_is_exact():
-    from hf_oto.optim import HESSO
+@pytest.mark.parametrize("method,options", [("hesso", {}), ("hesso", {"saliency": "mixed"}), ("dhspg", {}),
+                                            ("hesso", {"target_kept_flops": 0.85})])
+def test_training_prunes_per_expert_groups_and_compress_is_exact(method, options):
+    """Every step kind on per-expert grids: loss saliency (default), the published mix, DHSPG's
+    subgradient trial step, FLOPs costs of expert groups."""
+    from hf_oto.measure import count_flops
+    from hf_oto.optim import create_oto_optimizer
 
     model, inputs = _build("mixtral-moe")
     groups = find_groups(model, inputs, GroupConfig(prune_experts=True))
     model.train()
-    opt = HESSO(model, groups, variant="adam", lr=1e-2, target_group_sparsity=0.3, start_pruning_step=1,
-                pruning_steps=4, pruning_periods=2)
+    target = {} if "target_kept_flops" in options else {"target_group_sparsity": 0.3}
+    opt = create_oto_optimizer(model, groups, method=method, variant="adam", lr=1e-2, start_pruning_step=1,
+                               pruning_steps=4, pruning_periods=2, **target, **options)
+    dense_flops = count_flops(model, inputs)
     for _ in range(6):
         loss = model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()
@@ -172,10 +179,13 @@ def test_hesso_training_prunes_per_expert_groups_and_compress_is_exact():
         opt.zero_grad()
     model.eval()
     zero = groups.zero_mask(groups.parameters(model)) & groups.prunable_mask
-    assert int(zero.sum()) == int(0.3 * groups.num_prunable)
+    if target:
+        assert int(zero.sum()) == int(0.3 * groups.num_prunable)
     kinds = {groups[i].kind for i in zero.nonzero().flatten().tolist()}
     assert "neuron" in kinds
     reference = outputs(model, inputs)
     small = compress(model, groups)
     assert relative_difference(reference, outputs(small, inputs)) <= 1e-5
+    if not target:
+        assert count_flops(small, inputs) <= 0.85 * dense_flops
     assert num_params(small) < num_params(model)

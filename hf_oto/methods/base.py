@@ -38,13 +38,17 @@ class TrainingSettings:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     options: dict[str, Any] = field(default_factory=dict)  # method-specific (oto_method_kwargs)
-    target_group_sparsity: float = 0.5
+    target_group_sparsity: float | None = 0.5  # None when a FLOPs or parameter target replaces it
     variant: str = "adamw"  # base optimizer of the group-sparsity methods
     pruning_start_step: int = 0
     pruning_end_step: int = 0
     pruning_periods: int = 1
     # Parameters that get weight decay (Trainer excludes biases and norms); None: all of them.
     decay_parameter_names: list[str] | None = None
+    # How hesso/dhspg choose groups: saliency, FLOPs/parameter target, alignment (SelectionConfig
+    # fields; None: the optimizer's default), and the inputs FLOPs are counted on.
+    selection: dict[str, Any] = field(default_factory=dict)
+    example_inputs: Any = None
 
 
 class CompressionMethod:

@@ -41,6 +41,9 @@ class GroupSparsityMethod(CompressionMethod):
             param_groups=_decay_groups(model, settings))
         if self.name != "hspg":
             kwargs["pruning_periods"] = settings.pruning_periods
+            kwargs.update(settings.selection)
+            if settings.example_inputs is not None:
+                kwargs["example_inputs"] = settings.example_inputs
         kwargs.update(self.options)
         self.optimizer = create_oto_optimizer(model, groups, **kwargs)
         return self.optimizer
@@ -49,8 +52,10 @@ class GroupSparsityMethod(CompressionMethod):
         # The trainer adds group_sparsity and num_zero_groups from zero_groups(), computed once per log.
         if self.optimizer is None:
             return {}
-        return {"target_group_sparsity": float(self.optimizer.target_group_sparsity or 0.0),
-                "phase": PHASES[self.optimizer.phase()]}
+        out = {"target_group_sparsity": float(self.optimizer.target_group_sparsity or 0.0),
+               "phase": PHASES[self.optimizer.phase()]}
+        out.update(getattr(self.optimizer, "selection_metrics", dict)())
+        return out
 
     def zero_groups(self, model: nn.Module, groups: ZeroInvariantGroups) -> torch.Tensor:
         # The optimizer's index sums over prunable groups only: the same mask, far cheaper than

@@ -189,12 +189,16 @@ _CHUNK = 1 << 16
 
 
 def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None, keep: float,
-                      alpha: float, dims: Sequence[int], post: bool) -> dict[int, torch.Tensor]:
+                      alpha: float, dims: Sequence[int], post: bool, keep_quotient: bool = False,
+                      pre: bool = True, dd: bool = True) -> dict[int, torch.Tensor]:
     """In place ``x <- keep * x + alpha * d`` (``d = num / den``, or ``num`` when ``den`` is None;
-    ``num`` None: no update) and, in the same pass, per-position statistics for each of ``dims``.
+    ``num`` None, or ``keep == 1`` and ``alpha == 0``: no update) and, in the same pass,
+    per-position statistics for each of ``dims``. With ``keep_quotient``, ``d`` is written over
+    ``den`` (a temporary of the caller's), so that a later pass over ``x`` needs no division.
 
     Returns ``{dim: [4, size]}`` (float32): over the other dims, the sums of ``x*x``, ``x*d`` and
-    ``d*d`` before the update and of ``x*x`` after it (row 3 only when ``post``). The tensor is
+    ``d*d`` before the update (rows 0-2 only when ``pre``, row 2 only when ``dd``) and of ``x*x``
+    after it (row 3 only when ``post``); the rows not asked for stay 0. The tensor is
     processed in cache-sized chunks of its leading dimension, so the direction and the products
     never exist at full size, and the update reads ``x``, ``num`` and ``den`` from memory once:
     the statistics cost arithmetic, not memory traffic.
@@ -209,10 +213,14 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
     # Per-row outputs of dim 0, as views matching the chunks (norms; squared at the end).
     rows0 = out[0].split(step, dim=1) if 0 in out else None
     for c, (xc, nc, dc) in enumerate(chunks):
-        d = nc if dc is None else (None if nc is None else nc / dc)
+        if dc is None or nc is None:
+            d = nc
+        else:
+            d = torch.div(nc, dc, out=dc) if keep_quotient else nc / dc
         views = None if rows0 is None else rows0[c]
-        _accumulate(out, views, xc, d, 0, c * step)
-        if d is not None:
+        if pre:
+            _accumulate(out, views, xc, d, 0, c * step, dd)
+        if d is not None and (alpha != 0.0 or keep != 1.0):
             if keep != 1.0:
                 xc.mul_(keep)
             xc.add_(d, alpha=alpha)
@@ -224,10 +232,10 @@ def update_with_rows_(x: torch.Tensor, num: torch.Tensor | None, den: torch.Tens
 
 
 def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: torch.Tensor,
-                d: torch.Tensor | None, row: int, start: int = 0) -> None:
+                d: torch.Tensor | None, row: int, start: int = 0, dd: bool = True) -> None:
     """Add the statistics of chunk ``xc`` to ``out``: from row ``row`` on, x*x then, with ``d``, x*d
-    and d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as norms, not
-    squares, until :func:`update_with_rows_` squares them (a norm along rows needs no temporary)."""
+    and (with ``dd``) d*d. For dim 0 they go to ``rows0`` (the chunk's columns of ``out[0]``) as
+    norms, not squares, until :func:`update_with_rows_` squares them (a norm along rows needs no temporary)."""
     xf = xc if xc.dtype == torch.float32 else xc.float()
     df = d if d is None or d.dtype == torch.float32 else d.float()
     for dim, o in out.items():
@@ -237,7 +245,8 @@ def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: to
             if df is not None:
                 d2 = df if df.dim() == 2 else df.reshape(x2.shape[0], -1)
                 torch.sum(x2 * d2, dim=1, out=rows0[row + 1])
-                torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
+                if dd:
+                    torch.linalg.vector_norm(d2, 2, dim=1, out=rows0[row + 2])
         elif isinstance(dim, tuple):  # a per-expert grid; the chunk holds rows start.. of dim 0
             sizes = [xc.shape[k] for k in dim]
             grid = o.view(o.shape[0], *[-1 if k == 0 else xc.shape[k] for k in dim])
@@ -246,10 +255,48 @@ def _accumulate(out: dict[int, torch.Tensor], rows0: torch.Tensor | None, xc: to
             grid[row] += reduce_except(xf * xf, dim).view(sizes)
             if df is not None:
                 grid[row + 1] += reduce_except(xf * df, dim).view(sizes)
-                grid[row + 2] += reduce_except(df * df, dim).view(sizes)
+                if dd:
+                    grid[row + 2] += reduce_except(df * df, dim).view(sizes)
         else:
             other = [k for k in range(xf.dim()) if k != dim]
             o[row] += (xf * xf).sum(other)
             if df is not None:
                 o[row + 1] += (xf * df).sum(other)
-                o[row + 2] += (df * df).sum(other)
+                if dd:
+                    o[row + 2] += (df * df).sum(other)
+
+
+def _along(v: torch.Tensor, x: torch.Tensor, dim: int | tuple[int, int]) -> torch.Tensor:
+    """``v`` (one value per position of ``dim``, or of a per-expert grid flattened outer-major) as
+    a view that broadcasts over ``x``."""
+    shape = [1] * x.dim()
+    if not isinstance(dim, tuple):
+        shape[dim] = -1
+        return v.view(shape)
+    outer, inner = dim
+    shape[outer], shape[inner] = x.shape[outer], x.shape[inner]
+    grid = v.view(x.shape[outer], x.shape[inner])
+    return (grid if outer < inner else grid.t()).reshape(shape)
+
+
+def scaled_step_(x: torch.Tensor, d: torch.Tensor | None, keep: float, alpha: float,
+                 scales: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
+    """In place ``x <- (keep - s) * x + alpha * d``, ``s`` the sum of the vectors in ``scales``
+    (``(dim, vector along dim)``, broadcast over the other dims; none: ``s = 0``), in cache-sized
+    chunks of the leading dimension so that ``x`` is read and written once.
+    """
+    step = x.shape[0] if x.device.type != "cpu" else max(1, _CHUNK // max(x[0].numel(), 1))
+    for r0 in range(0, x.shape[0], step):
+        xc = x[r0:r0 + step]
+        mult = None
+        for dim, v in scales:
+            part = _along(v, x, dim)
+            if dim == 0 or (isinstance(dim, tuple) and 0 in dim):
+                part = part[r0:r0 + step]
+            mult = part if mult is None else mult + part
+        if mult is not None:
+            xc.mul_(keep - mult)
+        elif keep != 1.0:
+            xc.mul_(keep)
+        if d is not None:
+            xc.add_(d[r0:r0 + step], alpha=alpha)

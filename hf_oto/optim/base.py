@@ -1,29 +1,17 @@
-"""Shared machinery of the group-sparsity optimizers: base steps, group state, schedule, checks.
+"""Shared scaffolding of the group-sparsity optimizers: construction, group state, reporting and
+checkpoint state.
 
-Every optimizer here is a ``torch.optim.Optimizer`` over all trainable parameters of a model. A step
-has three parts:
+Every optimizer here is a ``torch.optim.Optimizer`` over all trainable parameters of a model.
+Its step (the base SGD/Adam/AdamW step, the group statistics, the corrections a method plans) is
+:class:`hf_oto.optim.base_step.BaseStep`; this module holds the rest:
+:class:`GroupSparseOptimizer` (arguments, state, metrics, ``state_dict``, ``_feasible``: never
+emptying a layer). The pruning window that HESSO and DHSPG share is
+:class:`hf_oto.optim.windowed.WindowedPruning`; the choice of groups, :mod:`hf_oto.optim.selection`.
 
-1. **Base step** (``_prepare`` and ``_update``): plain SGD (momentum, Nesterov), Adam or AdamW over
-   every parameter, vectorised with ``torch._foreach_*`` per param group, with the arithmetic of
-   ``torch.optim.SGD/Adam/AdamW(foreach=True)``. Parameters in no group only ever get this step.
-   On steps where the method needs them, the parameters that have prunable slices are instead
-   updated chunk by chunk while per-group statistics (``||x_g||^2``, ``<x_g, d_g>``, ... with ``d``
-   the base direction) are gathered in the same pass over memory.
-2. **Group plan** (``_plan``, one per method): from those statistics the method decides per group a
-   penalty, a shrink factor and projections to zero (vectors over groups: no loop per group).
-3. **Group corrections** (``_correct``): multiplies on the positions of the groups concerned
-   (one broadcast multiply per slice, or gather/scatter when few positions change) and
-   ``index_fill_`` for exact zeros on the parameters and on their optimizer state.
-
-Once projected, a group is *frozen*: at the start of every later step its gradient entries are set
-to zero in place (``p.grad.index_fill_``), and its momentum / Adam first moment were zeroed when it
-was projected (its Adam second moment set huge, see ``_frozen_exp_avg_sq``), so every base-step
-variant leaves it at exactly zero with no extra pass over the weights.
-
-Reference: the Only-Train-Once authors' public code (tianyic/only_train_once; the copies read
-were microsoft/only_train_once and tianyic/only_train_once_personal_footprint, folder
-``only_train_once/optimizer``). Each method's docstring says what was confirmed there and where
-we differ; no code was copied.
+Reference: the Only-Train-Once authors' public code, read, never copied: tianyic/only_train_once
+(its history holds HSPG, 2021, and DHSPG, up to the HESSO rewrite of Dec 2023) and the
+``only-train-once`` releases 2.0.16 (DHSPG) and 3.0.1 (HESSO). Each method's docstring says what
+matches it and where we differ; ``tests/test_optim_parity.py`` runs HESSO and DHSPG next to them.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
 replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
@@ -35,27 +23,17 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from ..graph.analysis import _unwrap as unwrap_model  # the same unwrapping find_groups does
 from ..groups import ZeroInvariantGroups
-from ._index import Positions, PrunableIndex, fill_positions_, scale_positions_, update_with_rows_
+from ._index import Positions, PrunableIndex
+from .base_step import BaseStep, StepPlan  # noqa: F401 - StepPlan: the methods' interface
 
 VARIANTS = ("sgd", "adam", "adamw")
-#: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
-#: zero (first moment and gradient are zero: 0 / huge = 0), and it keeps CPU kernels on their fast
-#: path: on AVX-512 builds ``sqrt`` of exact zeros (and of subnormals, which a decaying moment
-#: would become) runs 4-10x slower than on normal values. The value decays by beta2 every step,
-#: so it is written again every ``_REFRESH_STEPS`` steps, long before it could become subnormal.
-_REFRESH_STEPS = 10_000
-
-
-def _frozen_exp_avg_sq(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).max / 4
 #: Phases reported by ``metrics()["phase"]``.
 PHASES = {"warmup": 0.0, "pruning": 1.0, "finished": 2.0}
 
@@ -88,38 +66,8 @@ def check_int(name: str, value: Any, *, low: int = 0) -> int:
 
 # -- the per-step plan a method returns ------------------------------------------------------------
 
-@dataclass
-class StepPlan:
-    """What a method does to its groups after the base step (vectors over all groups).
 
-    ``penalty[g] = c`` multiplies group g by ``max(0, 1 - lr * c)`` after the base step (each tensor
-    with its own lr). With ``c = lambda_g / ||z_g||``, z the iterate after the base step, this is the
-    proximal operator of ``lambda_g ||x_g||``: the group-lasso term in forward-backward form. It acts
-    on the positions ``penalized``. ``shrink`` multiplies the groups at ``shrunk``; ``project`` sets
-    groups to exactly zero and freezes them.
-    """
-
-    penalty: torch.Tensor | None = None
-    penalized: Positions | None = None
-    shrink: torch.Tensor | None = None
-    shrunk: Positions | None = None
-    project: torch.Tensor | None = None
-
-
-@dataclass
-class _Work:
-    """One param group's base step, computed but not yet applied."""
-
-    params: list[torch.Tensor]
-    lr: float
-    decay: float                       # decoupled (AdamW) weight decay, 0 otherwise
-    direction: list[torch.Tensor] | None = None   # SGD: the update direction
-    exp_avgs: list[torch.Tensor] | None = None     # Adam: numerator ...
-    denom: list[torch.Tensor] | None = None        # ... and denominator of the update
-    step_size: list[float] | None = None
-
-
-class GroupSparseOptimizer(torch.optim.Optimizer):
+class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
     """Base class of :class:`HSPG`, :class:`DHSPG` and :class:`HESSO` (not used directly).
 
     Args:
@@ -314,276 +262,6 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
         self._positions_cache[key] = (mask.clone(), where)
         return where
 
-    def _wants_stats(self) -> str | None:
-        """Whether this step's plan needs group statistics: None, ``"pre"`` (of the parameters and
-        direction before the step) or ``"post"`` (also of the parameters after it)."""
-        return None
-
-    def _plan(self, s: dict[str, torch.Tensor] | None) -> StepPlan | None:
-        """The method's decisions for this step, from the statistics of :meth:`_update`."""
-        return None
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D401 - torch signature
-        """One optimizer step: base step on every parameter, plus the method's group updates."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        committed = self._oto["committed"]
-        if committed.any():
-            # Frozen groups: masking the gradient keeps momentum and first moment at zero, so every
-            # variant leaves these entries exactly zero (decoupled or L2 decay of zero is zero).
-            frozen = self._positions("committed", committed)
-            PrunableIndex.fill_([p.grad for p in self._gparams], frozen)
-            if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
-                self._fill_frozen_exp_avg_sq(frozen)
-        works = self._prepare()
-        stats = self._update(works, self._wants_stats())
-        plan = self._plan(stats)
-        if plan is not None:
-            self._correct(plan)
-        self._oto["step"] += 1
-        return loss
-
-    def _prepare(self) -> list[_Work]:
-        """Update momenta/moments of every parameter with a gradient; return the pending updates.
-
-        Also records, per grouped parameter, this step's lr, decoupled decay and the scale of its
-        direction (``self._lr``, ``self._decay``, ``self._dscale``): the true direction is
-        ``dscale * num / den`` (Adam's ``1/(1 - beta1^t)`` stays out of the tensors, in the weights
-        of the group sums). Parameters without a gradient get lr 0: they do not move.
-        """
-        n = len(self._gparams)
-        lrs, decays, dscales = [0.0] * n, [0.0] * n, [1.0] * n
-        works: list[_Work] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            lr, wd = group["lr"], group["weight_decay"]
-            pos = [self._gpos.get(id(p)) for p in params]
-            for i in pos:
-                if i is not None:
-                    lrs[i] = lr
-                    decays[i] = wd if self.variant == "adamw" else 0.0
-            if self.variant == "sgd":
-                copied = wd != 0
-                if copied:
-                    grads = torch._foreach_add(grads, params, alpha=wd)
-                mu = group["momentum"]
-                if mu != 0:
-                    bufs, old = [], []
-                    for j, (p, g) in enumerate(zip(params, grads)):
-                        st = self.state[p]
-                        if "momentum_buffer" not in st:
-                            st["momentum_buffer"] = torch.clone(g).detach()
-                        else:
-                            old.append(j)
-                        bufs.append(st["momentum_buffer"])
-                    if old:
-                        ob = [bufs[j] for j in old]
-                        torch._foreach_mul_(ob, mu)
-                        torch._foreach_add_(ob, [grads[j] for j in old])
-                    if group["nesterov"]:
-                        if copied:  # our own copies: update in place, as torch does
-                            torch._foreach_add_(grads, bufs, alpha=mu)
-                            direction = grads
-                        else:
-                            direction = torch._foreach_add(grads, bufs, alpha=mu)
-                    else:
-                        direction = bufs
-                else:
-                    direction = grads
-                works.append(_Work(params, lr, 0.0, direction=list(direction)))
-                continue
-            b1, b2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps = [], [], []
-            for p in params:
-                st = self.state[p]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(st["step"])
-            torch._foreach_add_(steps, 1.0)
-            decay = 0.0
-            if wd != 0:
-                if self.variant == "adamw":
-                    decay = wd
-                else:
-                    grads = torch._foreach_add(grads, params, alpha=wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-            torch._foreach_mul_(exp_avg_sqs, b2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
-            bc1 = [1 - b1 ** s.item() for s in steps]
-            bc2_sqrt = [(1 - b2 ** s.item()) ** 0.5 for s in steps]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, group["eps"])
-            works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom,
-                               step_size=[-(lr / b) for b in bc1]))
-            for j, i in enumerate(pos):
-                if i is not None:
-                    dscales[i] = 1.0 / bc1[j]
-        self._lr = torch.tensor(lrs, dtype=torch.float64)
-        self._decay = torch.tensor(decays, dtype=torch.float64)
-        self._dscale = torch.tensor(dscales, dtype=torch.float64)
-        return works
-
-    def _update(self, works: list[_Work], want: str | None) -> dict[str, torch.Tensor] | None:
-        """Apply the base step to every parameter; with ``want``, also return group statistics.
-
-        Without statistics the step is ``torch._foreach_*`` throughout, with torch's arithmetic.
-        With them, each parameter that has a prunable slice is updated by
-        :func:`update_with_rows_`, which reads it, its direction and (Adam) denominator once per
-        chunk and returns per-position sums on the way; :meth:`PrunableIndex.combine` turns them
-        into per-group statistics (all float32 over all groups):
-
-        ``xx`` ||x_g||^2, ``xd`` <x_g, d_g>, ``dd`` ||d_g||^2 (x before the step, d the true base
-        direction); ``T1`` = <z_g, x_g> (z: after the base step) and ``T2`` the same with each
-        tensor weighted by its lr (so a post-step shrink by ``1 - lr*c`` gives
-        ``<y_g, x_g> = T1 - c*T2``); with ``"post"`` also ``zz`` ||z_g||^2 and ``lr_zz`` (each tensor
-        weighted by its lr: ``lr_zz / zz`` is the group's step size when its tensors share one).
-        """
-        fused = self._index.slice_dims if want else {}
-        rows: dict[tuple[int, int], torch.Tensor] = {}
-        post = want == "post"
-        for w in works:
-            plain = []
-            for j, p in enumerate(w.params):
-                i = self._gpos.get(id(p))
-                if i is None or i not in fused:
-                    plain.append(j)
-                    continue
-                if w.direction is not None:
-                    num, den, alpha = w.direction[j], None, -w.lr
-                else:
-                    num, den, alpha = w.exp_avgs[j], w.denom[j], w.step_size[j]
-                for dim, r in update_with_rows_(p, num, den, 1 - w.lr * w.decay, alpha, fused[i], post).items():
-                    rows[(i, dim)] = r
-            if len(plain) < len(w.params):
-                w = _Work([w.params[j] for j in plain], w.lr, w.decay,
-                          direction=None if w.direction is None else [w.direction[j] for j in plain],
-                          exp_avgs=None if w.exp_avgs is None else [w.exp_avgs[j] for j in plain],
-                          denom=None if w.denom is None else [w.denom[j] for j in plain],
-                          step_size=None if w.step_size is None else [w.step_size[j] for j in plain])
-            if not w.params:
-                continue
-            if w.decay != 0:
-                torch._foreach_mul_(w.params, 1 - w.lr * w.decay)
-            if w.direction is not None:
-                torch._foreach_add_(w.params, w.direction, alpha=-w.lr)
-            else:
-                torch._foreach_addcdiv_(w.params, w.exp_avgs, w.denom, w.step_size)
-        if not want:
-            return None
-        for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
-            if (i, dims[0]) not in rows:
-                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, dims, post).items():
-                    r[3] = r[0]
-                    rows[(i, dim)] = r
-        lr, ds = self._lr, self._dscale
-        keep = 1 - lr * self._decay
-        w = torch.zeros(7, len(self._gparams), 4, dtype=torch.float64)
-        w[0, :, 0] = 1                                       # xx
-        w[1, :, 1] = ds                                      # xd
-        w[2, :, 2] = ds * ds                                 # dd
-        w[3, :, 0], w[3, :, 1] = keep, -lr * ds              # T1 = <x_new, x>
-        w[4, :, 0], w[4, :, 1] = lr * keep, -lr * lr * ds    # T2
-        w[5, :, 3] = 1                                       # zz
-        w[6, :, 3] = lr                                      # lr_zz
-        out = self._index.combine(rows, w)
-        return dict(zip(("xx", "xd", "dd", "T1", "T2", "zz", "lr_zz"), out))
-
-    def _correct(self, plan: StepPlan) -> None:
-        """After the base step: the penalty shrink, the schedule's shrink, the projections."""
-        if plan.penalty is not None and plan.penalized:
-            lrs = self._lr.tolist()
-            for i, dim, idx, grp, size in plan.penalized.slices:
-                lr = lrs[i]
-                if lr == 0:
-                    continue
-                p = self._gparams[i]
-                scale_positions_(p, dim, idx, (1.0 - lr * plan.penalty.to(p.device)[grp]).clamp_min(0), size)
-        if plan.shrink is not None and plan.shrunk:
-            PrunableIndex.scale_(self._gparams, plan.shrunk, plan.shrink)
-        if plan.project is not None and plan.project.any():
-            self._project(plan.project)
-
-    def _project(self, mask: torch.Tensor) -> None:
-        """Set the groups in ``mask`` to exactly zero, with their optimizer state, and freeze them."""
-        mask = mask & self._prunable  # only prunable groups may ever be projected
-        where = self._index.positions(mask)
-        PrunableIndex.fill_(self._gparams, where)
-        for key in ("momentum_buffer", "exp_avg"):
-            PrunableIndex.fill_(self._state_list(key), where)
-        self._fill_frozen_exp_avg_sq(where)
-        self._oto["committed"] = self._oto["committed"] | mask
-        self._oto["active"] = self._oto["active"] & ~mask
-
-    def _state_list(self, key: str) -> list[torch.Tensor | None]:
-        return [self.state[p].get(key) if p in self.state else None for p in self._gparams]
-
-    def _fill_frozen_exp_avg_sq(self, where: Positions) -> None:
-        for i, dim, idx, _, _ in where.slices:
-            p = self._gparams[i]
-            v = self.state[p].get("exp_avg_sq") if p in self.state else None
-            if v is not None:
-                fill_positions_(v, dim, idx, _frozen_exp_avg_sq(v.dtype))
-
-    # -- helpers for the methods ---------------------------------------------------------------
-    def _halfspace(self, s: dict[str, torch.Tensor], lambdas: torch.Tensor, free: torch.Tensor,
-                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The proximal group-lasso step and the half-space test, for the groups in ``free``.
-
-        The trial point is ``y_g = prox(z_g) = z_g * max(0, 1 - lr * lambda_g / ||z_g||)``, z the
-        base step's result. Returns ``(coef, cross, depth)``: the penalty coefficients
-        ``lambda_g / ||z_g||`` (for :class:`StepPlan`), the groups whose trial point leaves the
-        half-space, ``<y_g, x_g> < epsilon * ||x_g||^2`` (or which the prox zeroes), and
-        ``<y_g, x_g> / ||x_g||^2`` (how deep; +inf outside ``cross``).
-        """
-        live = free & (s["xx"] > 0)
-        znorm = s["zz"].clamp_min(0).sqrt()
-        coef = torch.where(live, lambdas / znorm.clamp_min(1e-30), torch.zeros_like(znorm))
-        lr_g = s["lr_zz"] / s["zz"].clamp_min(1e-30)
-        zeroed = live & ((1 - lr_g * coef) <= 0)
-        trial = torch.where(zeroed, torch.zeros_like(znorm), s["T1"] - coef * s["T2"])
-        cross = live & ((trial < epsilon * s["xx"]) | zeroed)
-        depth = torch.where(cross, trial / s["xx"].clamp_min(1e-30), torch.full_like(trial, math.inf))
-        return coef, cross, depth
-
-    @staticmethod
-    def _cap(cross: torch.Tensor, depth: torch.Tensor, room: int) -> torch.Tensor:
-        """At most ``room`` of the groups in ``cross``: the deepest crossings (stable order)."""
-        if int(cross.sum()) <= max(room, 0):
-            return cross
-        capped = torch.zeros_like(cross)
-        capped[torch.sort(depth, stable=True).indices[:max(room, 0)]] = True
-        return capped
-
-    def _select(self, count: int, priority: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """The ``count`` candidates with the lowest ``priority`` such that removing them with the
-        frozen groups leaves every layer at least one group (``compress`` could not remove them
-        all). Ties break by group index (stable sort): deterministic."""
-        blocked = torch.zeros_like(candidates)
-        while True:
-            chosen = torch.zeros_like(candidates)
-            if count <= 0:
-                return chosen
-            score = priority.float().clone()
-            score[~candidates | blocked] = float("inf")
-            order = torch.sort(score, stable=True).indices[:count]
-            chosen[order[torch.isfinite(score[order])]] = True
-            feasible = self._feasible(chosen, priority)
-            if torch.equal(feasible, chosen):
-                return chosen
-            blocked |= chosen & ~feasible  # never pick those again; the next-best fill their places
 
     def _feasible(self, mask: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
         """``mask`` minus, in every layer it would empty together with the frozen groups, its
@@ -598,79 +276,15 @@ class GroupSparseOptimizer(torch.optim.Optimizer):
                 mine = grp[mask[grp]]
                 if mine.numel() == 0:  # emptied by frozen groups alone: nothing left to give back
                     return mask
+                if mine.numel() < grp.numel() and not (mask | self._oto["committed"])[grp].all():
+                    continue  # a dimension of the same layer gave a group back already
                 mask[mine[torch.argmax(priority[mine])]] = False
 
 
-class WindowedPruning(GroupSparseOptimizer):
-    """The schedule HESSO and DHSPG share: ``start_pruning_step`` warm-up steps, then a window of
-    ``pruning_steps`` steps split into ``pruning_periods`` periods, each zeroing an equal share of
-    the target, then the base optimizer alone (all counted in optimizer steps)."""
+def __getattr__(name: str) -> Any:
+    # The pruning window moved to windowed.py; code written against base keeps importing it from here.
+    if name in ("WindowedPruning", "schedule_period", "cumulative_targets"):
+        from . import windowed
 
-    def _init_schedule(self, target_group_sparsity: float, start_pruning_step: int, pruning_steps: int | None,
-                       pruning_periods: int) -> None:
-        self.target_group_sparsity = check_number("target_group_sparsity", target_group_sparsity,
-                                                  low=0.0, high=1.0, high_open=True)
-        self.start_pruning_step = check_int("start_pruning_step", start_pruning_step)
-        if pruning_steps is None:
-            raise ValueError("pruning_steps is required: the number of optimizer steps over which the "
-                             "redundant groups are brought to zero")
-        self.pruning_steps = check_int("pruning_steps", pruning_steps, low=1)
-        self.pruning_periods = check_int("pruning_periods", pruning_periods, low=1)
-        if self.pruning_periods > self.pruning_steps:
-            raise ValueError(f"pruning_periods ({pruning_periods}) must be <= pruning_steps ({pruning_steps})")
-
-    @property
-    def target_num_zero_groups(self) -> int:
-        return int(self.target_group_sparsity * self.num_prunable + 1e-9)
-
-    def _config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "target_group_sparsity", "start_pruning_step", "pruning_steps", "pruning_periods")}
-
-    def phase(self) -> str:
-        k = self.step_count
-        if k < self.start_pruning_step:
-            return "warmup"
-        return "pruning" if k < self.start_pruning_step + self.pruning_steps else "finished"
-
-    def _where(self) -> tuple[int, int, int] | None:
-        """``(period, step in period, period length)`` of the next step, None outside the window."""
-        return schedule_period(self.step_count, self.start_pruning_step, self.pruning_steps, self.pruning_periods)
-
-    def _period_target(self, period: int) -> int:
-        """Zero groups to reach by the end of ``period``."""
-        return cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
-
-    def _choose_redundant(self, target: int, priority: Callable[[torch.Tensor], torch.Tensor],
-                          extra: int = 0) -> None:
-        """Start a period: the groups still missing to ``target`` zero groups (plus ``extra``)
-        with the lowest ``priority(candidates)`` become active; candidates are the prunable groups
-        not yet frozen."""
-        committed = self._oto["committed"]
-        count = target - int(committed.sum())
-        candidates = self._prunable & ~committed
-        if count <= 0 or not candidates.any():
-            return
-        self._oto["active"] = self._select(count + extra, priority(candidates), candidates)
-
-
-def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[int, int, int] | None:
-    """Where ``step`` (0-based) falls in a pruning window of ``steps`` steps split into ``periods``.
-
-    Returns ``(period, t, length)``: the period index, the step's index inside it and the period's
-    length (the last period also takes the remainder of ``steps / periods``), or None outside the
-    window.
-    """
-    j = step - start
-    if j < 0 or j >= steps:
-        return None
-    base = steps // periods
-    p = min(j // base, periods - 1)
-    begin = p * base
-    length = (steps - begin) if p == periods - 1 else base
-    return p, j - begin, length
-
-
-def cumulative_targets(total: int, periods: int) -> list[int]:
-    """Zero groups to reach by the end of each period: evenly spread, the last one exactly ``total``."""
-    return [(total * (p + 1)) // periods for p in range(periods)]
+        return getattr(windowed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from ..groups import ZeroInvariantGroups
-from .base import StepPlan, WindowedPruning, check_number
+from .base import StepPlan, check_number
+from .halfspace import deepest, subgradient_trial
+from .selection import SelectionConfig
+from .windowed import WindowedPruning
 
 #: Per-variant defaults of the authors' code: base lambda, amplification, and the cap of the
 #: adapted lambda as a multiple of the base one.
@@ -59,32 +62,38 @@ class DHSPG(WindowedPruning):
     - ``[0, start_pruning_step)``: plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps, in ``pruning_periods`` periods (default 1: one partition,
       as in the authors' code). At the start of period p, the non-frozen prunable groups are scored
-      (:func:`redundancy_scores`) and the most redundant ones form the redundant set R: as many as
-      the period must zero, plus ``tolerance_group_sparsity * num_prunable`` spare ones. Important
-      groups get the plain base step. Each group of R gets the base step ``z = x - lr*d`` and
-      then the group-lasso proximal shrink ``y_g = z_g * max(0, 1 - lr * lambda_g/||z_g||)`` with
-      the adaptive ``lambda_g`` of :func:`adaptive_lambdas`, and the half-space test: if
-      ``y_g`` leaves the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is
-      projected to exactly zero and frozen. Projections stop at the period's cumulative target
+      by ``selection.saliency`` (as HESSO; ``"mixed"``: :func:`redundancy_scores`) and the least
+      important form the redundant set R: as many as the period must zero, plus
+      ``tolerance_group_sparsity * num_prunable`` spare ones (none under a FLOPs or parameter
+      target or ``group_divisible``, where R is exactly the cost-weighted choice). Important
+      groups get the plain base step. Each group of R takes the subgradient step
+      ``y_g = x_g - lr*d_g - lr*lambda_g*x_g/||x_g||`` with the adaptive ``lambda_g`` of
+      :func:`adaptive_lambdas` (d: the base direction), and the half-space test: if ``y_g`` leaves
+      the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is projected to
+      exactly zero and frozen. Projections stop at the period's cumulative target
       ``floor(K * (p + 1) / P)`` (K = ``floor(target_group_sparsity * num_prunable)``); when more
       groups qualify, those deepest across the boundary (smallest ``<y_g, x_g>/||x_g||^2``) go first.
       Once the target is met, the rest of R returns to the important set.
     - At the last step of each period, if the half-space test has not zeroed enough groups, the
       groups of R with the smallest norm are projected to meet the target exactly (counted in
       ``metrics()["num_forced_projections"]``, the half-space ones in
-      ``"num_halfspace_projections"``): the guarantee the trainer relies on.
+      ``"num_halfspace_projections"``): the guarantee the trainer relies on. A run whose forced
+      projections outnumber the half-space ones did magnitude pruning of R, not DHSPG: give it a
+      longer window or a larger ``lmbda``.
     - Afterwards: the base optimizer; frozen groups stay exactly zero.
 
-    Confirmed against the authors' public code (``optimizer/dhspg.py`` and ``hyperparameter.py``,
-    see :mod:`hf_oto.optim.base`): the lambda bounds and their clipping, amplification and
-    midpoint rule; the per-variant defaults (sgd: lambda 1e-3, amplify 2, cap 10x; adam/adamw:
-    1e-2, 20, 1000x); epsilon 0; tolerance 0.05 extra groups in R; the saliency (cosine and inverse
-    average norm, L2-normalised, half and half); the half-space test with a cap on the number of
-    projections (they pick randomly among the qualifying groups; we pick deterministically, which
-    data-parallel replicas need); the penalty applied on top of the base (SGD/Adam) direction
-    (they add the subgradient ``lambda_g x_g/||x_g||`` to the step; we apply its proximal form
-    after the base step, which needs no second pass over the weights). The end-of-period forced
-    projection is ours.
+    Checked against the authors' DHSPG (``optimizer/dhspg.py`` and ``hyperparameter.py`` of
+    tianyic/only_train_once before its HESSO rewrite, the same file as the ``only-train-once``
+    2.0.16 release): the subgradient trial step on top of the base (SGD/Adam) direction and the
+    half-space test; the lambda bounds and their clipping, amplification and midpoint rule; the
+    per-variant defaults (sgd: lambda 1e-3, amplify 2, cap 10x; adam/adamw: 1e-2, 20, 1000x);
+    epsilon 0; one partition; tolerance 0.05 extra groups in R; the saliency (cosine and inverse
+    average norm, L2-normalised, half and half); the penalty stopping for all groups once the
+    target is reached. Differences: they project every crossing group of R until the sparsity
+    reaches the target, checked once per step, so a step can overshoot up to the size of R, and
+    they have no window: the target is reached whenever the test gets there, or never; we cap the
+    projections at the target (deepest first, deterministic) and force the rest at the end of each
+    period. Their Adam moments start at ``g`` and ``g^2``; ours are torch's.
 
     Example:
         >>> opt = DHSPG(model, groups, variant="adamw", lr=3e-5, target_group_sparsity=0.5,
@@ -96,11 +105,12 @@ class DHSPG(WindowedPruning):
     def __init__(self, model: nn.Module, groups: ZeroInvariantGroups, *, variant: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
-                 pruning_periods: int = 1, lmbda: float | None = None, lmbda_amplify: float | None = None,
-                 hat_lmbda_coeff: float | None = None, epsilon: float = 0.0, tolerance_group_sparsity: float = 0.05,
-                 param_groups: Iterable[dict[str, Any]] | None = None) -> None:
-        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods)
+                 target_group_sparsity: float | None = None, start_pruning_step: int = 0,
+                 pruning_steps: int | None = None, pruning_periods: int = 1, lmbda: float | None = None,
+                 lmbda_amplify: float | None = None, hat_lmbda_coeff: float | None = None, epsilon: float = 0.0,
+                 tolerance_group_sparsity: float = 0.05, param_groups: Iterable[dict[str, Any]] | None = None,
+                 selection: SelectionConfig | dict[str, Any] | None = None, example_inputs: Any = None) -> None:
+        self._init_schedule(target_group_sparsity, start_pruning_step, pruning_steps, pruning_periods, selection)
         d_lmbda, d_amp, d_cap = LAMBDA_DEFAULTS.get(variant, LAMBDA_DEFAULTS["sgd"])
         self.lmbda = check_number("lmbda", d_lmbda if lmbda is None else lmbda, low=0.0)
         self.lmbda_amplify = check_number("lmbda_amplify", d_amp if lmbda_amplify is None else lmbda_amplify, low=1.0)
@@ -117,6 +127,7 @@ class DHSPG(WindowedPruning):
             "num_halfspace": 0,
             "num_forced": 0,
         })
+        self._init_selection(model, example_inputs)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), **{k: getattr(self, k) for k in (
@@ -133,16 +144,16 @@ class DHSPG(WindowedPruning):
 
     def _wants_stats(self) -> str | None:
         where = self._where()
-        return "post" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
+        return "trial" if where is not None and (where[1] == 0 or bool(self._oto["active"].any())) else None
 
     def _plan(self, s) -> StepPlan | None:
         where = self._where()
         if where is None:
             return None
         period, t, length = where
-        target = self._period_target(period)
         if t == 0:
-            self._start_period(target, s)
+            self._start_period(period, s)
+        target = self._period_target(period)
         active = self._oto["active"]
         if not active.any():
             return None
@@ -152,8 +163,8 @@ class DHSPG(WindowedPruning):
         room -= int(project.sum())
         lam = adaptive_lambdas(s, self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff)
         self._oto["lambdas"] = torch.where(nonzero, lam, torch.zeros_like(lam))
-        coef, cross, depth = self._halfspace(s, lam, nonzero, self.epsilon)
-        cross = self._cap(cross, depth, room)  # deepest crossings first
+        coef, cross, depth = subgradient_trial(s, lam, nonzero, self.epsilon)
+        cross = deepest(cross, depth, room)
         project |= cross
         crossed = int(cross.sum())
         room -= crossed
@@ -174,7 +185,7 @@ class DHSPG(WindowedPruning):
             return StepPlan(project=project)
         return StepPlan(penalty=coef, penalized=self._positions("active", active), project=project)
 
-    def _start_period(self, target: int, s: dict[str, torch.Tensor]) -> None:
-        # _select takes the lowest priority: negate the redundancy.
-        self._choose_redundant(target, lambda candidates: -redundancy_scores(s, self._sizes, candidates),
+    def _start_period(self, period: int, s: dict[str, torch.Tensor]) -> None:
+        # The mixed criterion is a redundancy: its negation is the importance.
+        self._choose_redundant(period, lambda candidates: -redundancy_scores(s, self._sizes, candidates),
                                extra=math.ceil(self.tolerance_group_sparsity * self.num_prunable))

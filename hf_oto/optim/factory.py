@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from typing import Any, Iterable
 
 from torch import nn
@@ -12,6 +13,7 @@ from .base import GroupSparseOptimizer
 from .dhspg import DHSPG
 from .hesso import HESSO
 from .hspg import HSPG
+from .selection import SelectionConfig
 
 #: Optimizer classes by ``method`` name.
 METHODS: dict[str, type[GroupSparseOptimizer]] = {"hesso": HESSO, "dhspg": DHSPG, "hspg": HSPG}
@@ -57,7 +59,12 @@ def create_oto_optimizer(
         param_groups: optional param group dicts (e.g. no weight decay on biases and norms).
         **method_kwargs: method options: ``importance_criteria`` (hesso); ``lmbda``,
             ``lmbda_amplify``, ``hat_lmbda_coeff``, ``epsilon``, ``tolerance_group_sparsity`` (dhspg);
-            ``lmbda``, ``epsilon`` (hspg).
+            ``lmbda``, ``epsilon``, ``upper_group_sparsity``, ``adapt_epsilon_every`` (hspg). Selection
+            options of hesso and dhspg (see :class:`~hf_oto.optim.selection.SelectionConfig`):
+            ``saliency`` (``"fisher"``, ``"taylor"``, ``"mixed"``, ``"magnitude"``), ``saliency_steps``,
+            ``target_kept_flops`` or ``target_kept_params`` (instead of ``target_group_sparsity``),
+            ``group_divisible``; and ``example_inputs`` for counting FLOPs (default: those
+            ``find_groups`` traced).
 
     The schedule follows the optimizer's own step counter, so a learning-rate scheduler can change
     ``param_group["lr"]`` freely.
@@ -86,12 +93,21 @@ def create_oto_optimizer(
         kwargs["target_group_sparsity"] = target_group_sparsity
     if pruning_periods is not None:
         kwargs["pruning_periods"] = pruning_periods
-    kwargs.update(method_kwargs)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "groups"}
+    picked = {k: method_kwargs.pop(k) for k in _SELECTION_OPTIONS if k in method_kwargs}
+    if picked and "selection" in accepted:
+        kwargs["selection"] = SelectionConfig.from_options(method_kwargs.pop("selection", None), **picked)
+    else:
+        kwargs.update(picked)  # hspg: reported as options it does not take, below
+    kwargs.update(method_kwargs)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(f"{cls.method} does not take {', '.join(unknown)}; its options are {', '.join(sorted(accepted))}")
     return cls(model, groups, **kwargs)
+
+
+#: Factory keywords that go into the ``selection`` of hesso and dhspg.
+_SELECTION_OPTIONS = tuple(f.name for f in fields(SelectionConfig))
 
 
 class OTOOptimizerFactory:

@@ -1,0 +1,297 @@
+"""Which groups a pruning period removes: saliency against cost, hardware-aligned counts, exact targets.
+
+HESSO and DHSPG start each pruning period by choosing the groups to remove. :class:`SelectionConfig`
+says how: by which saliency (:mod:`hf_oto.optim.saliency`), toward which target (a share of the
+prunable groups, of the FLOPs or of the parameters) and with which alignment of the kept counts.
+:class:`GroupSelector` does the choosing, vectorised over groups:
+
+1. **Cost.** Each candidate's cost is what its removal saves in the target's unit (1 per group;
+   parameters or FLOPs from :class:`hf_oto.costs.GroupCosts`, first order at the current state).
+2. **Bundles.** With ``group_divisible = N`` every layer (the groups of one kind that one module
+   produces) keeps a multiple of N groups: its candidates, least salient first, are cut into
+   bundles that each bring the layer's kept count to the next multiple of N below, and a layer
+   never goes under N. A layer whose full count is not a multiple of N keeps it, or goes to a
+   multiple of N; one with fewer than N groups is left whole. Without alignment every group is its
+   own bundle.
+3. **Greedy by saliency per unit of cost.** Bundles are ranked by summed saliency over summed cost
+   (a layer's later bundles never before its earlier ones), ties by magnitude. Walking that order,
+   a bundle is taken when its cost fits in what is still to remove; when none fits, the cheapest
+   bundle left closes the gap. Kept counts come from exact evaluations of every prefix
+   (:meth:`GroupCosts.kept_prefixes`), never from summed per-group costs.
+
+So a group target is met exactly (``floor(target * prunable)`` groups, or with alignment, at most
+one bundle more), and a FLOPs or parameter target is met from below: the compressed model keeps at
+most the target, less by at most the cost of one bundle (one FFN neuron or conv channel, or N of
+them; a head when only heads are left to remove).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config_mixin import JsonConfigMixin
+from ..costs import GroupCosts
+from ..groups import ZeroInvariantGroups
+from .saliency import SALIENCIES
+
+#: The criterion HESSO and DHSPG use unless told otherwise (best measured, see docs/selection.md).
+DEFAULT_SALIENCY = "fisher"
+#: Batches accumulated before each selection when ``saliency_steps`` is not set: the period's
+#: length, at most this many (older gradients belong to weights that have moved on).
+MAX_DEFAULT_SALIENCY_STEPS = 64
+#: Rounds of the greedy fill (each one vectorised) before the closing bundle.
+_FILL_ROUNDS = 32
+
+
+@dataclass
+class SelectionConfig(JsonConfigMixin):
+    """How HESSO and DHSPG choose the groups each pruning period removes.
+
+    Args:
+        saliency: ``"fisher"`` (default), ``"taylor"``, ``"mixed"`` (the method's published mix on
+            the update direction) or ``"magnitude"``; see :mod:`hf_oto.optim.saliency`.
+        saliency_steps: batches whose gradients the loss-based scores accumulate before each
+            selection (default: the period's length, at most 64; before the first period, the
+            end of the warm-up).
+        target_kept_flops: keep at most this fraction of the forward FLOPs (on the example
+            inputs), in (0, 1]; replaces ``target_group_sparsity``.
+        target_kept_params: keep at most this fraction of the parameters, in (0, 1].
+        group_divisible: every layer keeps a multiple of this many heads, neurons or channels.
+
+    Example:
+        >>> SelectionConfig(target_kept_flops=0.5, group_divisible=8).unit
+        'flops'
+        >>> SelectionConfig(target_kept_flops=0.5, target_kept_params=0.5)
+        Traceback (most recent call last):
+        ValueError: set one target: target_kept_flops=0.5 and target_kept_params=0.5 conflict
+    """
+
+    saliency: str = DEFAULT_SALIENCY
+    saliency_steps: int | None = None
+    target_kept_flops: float | None = None
+    target_kept_params: float | None = None
+    group_divisible: int = 1
+
+    config_label = "selection options"
+
+    def __post_init__(self) -> None:
+        from .base import check_int, check_number
+
+        if self.saliency not in SALIENCIES:
+            raise ValueError(f"unknown saliency {self.saliency!r}; choose from {', '.join(SALIENCIES)}")
+        if self.saliency_steps is not None:
+            self.saliency_steps = check_int("saliency_steps", self.saliency_steps, low=1)
+        for name in ("target_kept_flops", "target_kept_params"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, check_number(name, value, low=0.0, high=1.0, low_open=True))
+        if self.target_kept_flops is not None and self.target_kept_params is not None:
+            raise ValueError(f"set one target: target_kept_flops={self.target_kept_flops} and "
+                             f"target_kept_params={self.target_kept_params} conflict")
+        if isinstance(self.group_divisible, bool) or not isinstance(self.group_divisible, int) \
+                or self.group_divisible < 1:
+            raise ValueError(f"group_divisible must be an integer >= 1, got {self.group_divisible!r}")
+
+    @property
+    def unit(self) -> str:
+        """What the target counts: ``"groups"``, ``"flops"`` or ``"params"``."""
+        if self.target_kept_flops is not None:
+            return "flops"
+        return "params" if self.target_kept_params is not None else "groups"
+
+    @property
+    def target_kept(self) -> float | None:
+        """The kept fraction asked for in FLOPs or parameters (None for a group target)."""
+        return self.target_kept_flops if self.target_kept_flops is not None else self.target_kept_params
+
+
+class GroupSelector:
+    """Chooses groups to remove toward a target (see the module docstring). Works on CPU tensors
+    over all groups; a selection runs once per pruning period.
+
+    Args:
+        groups: the model's zero-invariant groups.
+        config: the selection settings.
+        costs: parameter/FLOPs costs (needed for a FLOPs or parameter target).
+    """
+
+    def __init__(self, groups: ZeroInvariantGroups, config: SelectionConfig, costs: GroupCosts | None = None) -> None:
+        if config.unit != "groups" and costs is None:
+            raise ValueError(f"a {config.unit} target needs the groups' costs")
+        self.config = config
+        self.costs = costs
+        self.groups = groups
+        self.prunable = groups.prunable_mask
+        self.num_groups = len(groups)
+        self.block, self.block_total = _blocks(groups)
+
+    @property
+    def unit(self) -> str:
+        return self.config.unit
+
+    # -- amounts in the target's unit ----------------------------------------------------------
+    def total(self) -> float:
+        """The dense model's amount: prunable groups, parameters or FLOPs."""
+        if self.unit == "groups":
+            return float(int(self.prunable.sum()))
+        return float(self.costs.total(self.unit))
+
+    def removed(self, mask: torch.Tensor) -> float:
+        """How much removing ``mask`` saves, in the target's unit."""
+        mask = mask.cpu() & self.prunable
+        if self.unit == "groups":
+            return float(int(mask.sum()))
+        return self.total() - self.costs.kept(mask, self.unit)
+
+    def _removed_prefixes(self, order: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        if self.unit == "groups":
+            return float(int((base & self.prunable).sum())) + torch.arange(order.numel() + 1, dtype=torch.float64)
+        return self.total() - self.costs.kept_prefixes(order, base, self.unit)
+
+    def unit_costs(self, removed: torch.Tensor) -> torch.Tensor:
+        """Per group, what its removal saves on top of ``removed`` (first order; float64)."""
+        if self.unit == "groups":
+            return self.prunable.double()
+        return self.costs.marginal(removed.cpu(), self.unit)
+
+    def reachable(self, candidates: torch.Tensor, committed: torch.Tensor) -> float:
+        """The most this selection could remove: every alignment-allowed candidate (each layer
+        still keeping one group, or N)."""
+        importance = torch.zeros(self.num_groups, dtype=torch.float64)
+        order, _, _ = self._bundles(importance, importance, self.unit_costs(committed), candidates.cpu(),
+                                    committed.cpu())
+        mask = committed.cpu().clone()
+        mask[order] = True
+        return self.removed(self.groups.feasible_removal(mask))
+
+    # -- the choice ------------------------------------------------------------------------------
+    def choose(self, budget: float, importance: torch.Tensor, tie: torch.Tensor, candidates: torch.Tensor,
+               committed: torch.Tensor) -> torch.Tensor:
+        """Groups among ``candidates`` to remove on top of ``committed`` so that the removed amount
+        (in the target's unit, from the dense model) reaches ``budget``: bool over all groups.
+
+        ``importance`` (>= 0, higher: keep) is weighed against each group's cost; ``tie`` (the
+        groups' magnitudes) orders equal ratios, so that all-zero scores still choose sensibly.
+        """
+        importance, tie = importance.detach().double().cpu(), tie.detach().double().cpu()
+        candidates, committed = candidates.cpu() & self.prunable, committed.cpu() & self.prunable
+        chosen = torch.zeros(self.num_groups, dtype=torch.bool)
+        cost = self.unit_costs(committed)
+        order, ends, bundle_cost = self._bundles(importance, tie, cost, candidates, committed)
+        if order.numel() == 0:
+            return chosen
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        alive = torch.ones(ends.numel(), dtype=torch.bool)
+        slack = 1e-9 * max(self.total(), 1.0)
+        deficit = budget - self.removed(committed)
+        for _ in range(_FILL_ROUNDS):
+            if deficit <= slack:
+                return chosen
+            fit = (alive & (bundle_cost <= deficit + slack)).nonzero().flatten()
+            if fit.numel() == 0:
+                break
+            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.config.group_divisible > 1 \
+                else order[fit]
+            bounds = (ends[fit] - starts[fit]).cumsum(0)
+            removed = self._removed_prefixes(groups_in, committed | chosen)[bounds]
+            take = int((removed <= budget + slack).sum())  # the removed amount only grows along the prefix
+            if take == 0:  # the first fitting bundle overshoots after all (shared dimensions)
+                alive[fit[0]] = False
+                continue
+            chosen[groups_in[:bounds[take - 1]]] = True
+            alive[fit[:take]] = False
+            deficit = budget - float(removed[take - 1])
+        while deficit > slack and alive.any():  # close the gap with the cheapest bundle left
+            left = alive.nonzero().flatten()
+            b = int(left[torch.argmin(bundle_cost[left])])  # first minimum: the most expendable of the cheapest
+            chosen[order[starts[b]:ends[b]]] = True
+            alive[b] = False
+            deficit = budget - self.removed(committed | chosen)
+        return chosen
+
+    def _bundles(self, importance: torch.Tensor, tie: torch.Tensor, cost: torch.Tensor, candidates: torch.Tensor,
+                 committed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates in removal order, cut into bundles: ``(order, bundle ends, bundle costs)``."""
+        cand = candidates.nonzero().flatten()
+        ratio = importance / cost.clamp_min(1e-12 * max(float(cost.max()), 1e-30))
+        if self.config.group_divisible == 1:
+            order = cand[_lexsort(ratio[cand], tie[cand])]
+            return order, torch.arange(1, order.numel() + 1), cost[order]
+        n = self.config.group_divisible
+        blk = self.block[cand]
+        inside = cand[_lexsort(blk.double(), ratio[cand], tie[cand])]  # by layer, then ratio, then magnitude
+        blk = self.block[inside]
+        first_of = torch.zeros(int(self.block.max()) + 2, dtype=torch.long)
+        seg_start = torch.ones(inside.numel(), dtype=torch.bool)
+        seg_start[1:] = blk[1:] != blk[:-1]
+        first_of[blk[seg_start]] = seg_start.nonzero().flatten()
+        rank = torch.arange(inside.numel()) - first_of[blk]
+        committed_per_block = torch.bincount(self.block[committed & (self.block >= 0)],
+                                             minlength=self.block_total.numel())
+        kept = (self.block_total - committed_per_block)[blk]                 # the layer's kept count now
+        first = kept - torch.div(kept - 1, n, rounding_mode="floor") * n     # down to the next multiple of n
+        index = torch.where(rank < first, torch.zeros_like(rank), 1 + torch.div(rank - first, n, rounding_mode="floor"))
+        size = torch.where(index == 0, first, torch.full_like(first, n))
+        allowed = rank < kept - n                                             # the layer keeps at least n
+        # A bundle needs all its groups among the candidates (unprunable members stay).
+        bundle_key = blk * (inside.numel() + 1) + index
+        keys, inverse, counts = torch.unique(bundle_key, return_inverse=True, return_counts=True)
+        complete = counts[inverse] == size
+        ok = allowed & complete
+        inside, bundle_key, index = inside[ok], bundle_key[ok], index[ok]
+        if inside.numel() == 0:
+            return inside, inside, torch.zeros(0, dtype=torch.float64)
+        keys, inverse = torch.unique(bundle_key, return_inverse=True)
+        num = keys.numel()
+        imp = torch.zeros(num, dtype=torch.float64).index_add_(0, inverse, importance[inside])
+        cst = torch.zeros(num, dtype=torch.float64).index_add_(0, inverse, cost[inside])
+        tie_b = torch.zeros(num, dtype=torch.float64).index_add_(0, inverse, tie[inside])
+        ratio_b = imp / cst.clamp_min(1e-12 * max(float(cst.max()), 1e-30))
+        # A layer's later bundle never goes before its earlier ones: running maximum per layer
+        # (keys are sorted by layer, then bundle index).
+        layer_of = torch.div(keys, inside.numel() + 1, rounding_mode="floor")
+        for layer in layer_of.unique().tolist():
+            at = (layer_of == layer).nonzero().flatten()
+            ratio_b[at] = torch.cummax(ratio_b[at], 0).values
+        bundle_order = _lexsort(ratio_b, tie_b)
+        position = torch.empty(num, dtype=torch.long)
+        position[bundle_order] = torch.arange(num)
+        order = inside[torch.sort(position[inverse] * (inside.numel() + 1)
+                                  + torch.arange(inside.numel()), stable=True).indices]
+        sizes = torch.bincount(inverse, minlength=num)[bundle_order]
+        return order, sizes.cumsum(0), cst[bundle_order]
+
+
+def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting by the first key, then the next ones (stable: the rest by position)."""
+    perm = torch.arange(keys[0].numel())
+    for key in reversed(keys):
+        perm = perm[torch.sort(key[perm], stable=True).indices]
+    return perm
+
+
+def _blocks(groups: ZeroInvariantGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer of every prunable group (-1 for the others) and each layer's total group count.
+
+    A layer is the groups of one kind that one module produces (:meth:`producing_layers`), its
+    unprunable groups included: those count toward what the layer keeps."""
+    keys: dict[tuple[str, str], int] = {}
+    layer = []
+    for g, module in zip(groups, groups.producing_layers()):
+        layer.append(keys.setdefault((module, g.kind), len(keys)))
+    layer_t = torch.tensor(layer, dtype=torch.long)
+    total = torch.bincount(layer_t, minlength=len(keys))
+    return torch.where(groups.prunable_mask, layer_t, torch.full_like(layer_t, -1)), total
+
+
+def check_reachable(selector: GroupSelector, committed: torch.Tensor, target_removed: float, what: str) -> None:
+    """ValueError when even removing every allowed group cannot reach ``target_removed``."""
+    most = selector.reachable(selector.prunable & ~committed, committed)
+    if most + 1e-9 * max(selector.total(), 1.0) < target_removed:
+        total = selector.total()
+        raise ValueError(f"{what} cannot be met: removing every prunable group the layers can give up keeps "
+                         f"{(total - most) / total:.4f} of the {selector.unit} (the rest is in layers without "
+                         f"prunable structure, or kept by group_divisible={selector.config.group_divisible})")
+
