@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
     if args.dry_run:
         scratch = tempfile.mkdtemp(prefix="gpu_check-")
         args.model, args.dataset = tiny_setup(scratch)
-        args.steps, args.batch_size, args.train_samples, args.eval_samples = 24, 8, 200, 40
-        args.max_seq_length, args.doc_stride, args.learning_rate = 128, 32, 1e-3
+        args.steps, args.batch_size, args.train_samples, args.eval_samples = 12, 8, 100, 32
+        args.max_seq_length, args.doc_stride, args.learning_rate = 64, 16, 1e-3
     preflight(args)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
         inputs = {k: v[:batch].to(device) for k, v in example.items()}
         if len(inputs["input_ids"]) < batch:
             continue
-        latency[batch] = {name: gpu_latency(m, inputs) for name, m in models.items()}
+        latency[batch] = {name: gpu_latency(m, inputs, repeats=3 if args.dry_run else 30) for name, m in models.items()}
     lines = [f"{'model':<34} {'EM':>6} {'F1':>6} {'kept FLOPs':>10} " +
              " ".join(f"{'lat b' + str(b) + ' (ms)':>13}" for b in latency)]
     for name, row in rows.items():

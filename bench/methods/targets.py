@@ -1,8 +1,9 @@
 """Reaching a kept-FLOPs target with hf_oto's groups.
 
-Every method must end at the same kept FLOPs. The baselines that remove hf_oto groups remove the
-same share of every layer (the lowest-scoring groups of each (layer, kind) block) and take the
-smallest share that meets the target, measured with :class:`hf_oto.measure.CompressionEstimator`:
+Every method must end at the same kept FLOPs. The baselines that remove hf_oto groups remove about
+the same share of every layer (the lowest-scoring groups of each (layer, kind) block, one group at
+a time across blocks) and stop as soon as the target is met, measured with
+:class:`hf_oto.measure.CompressionEstimator`:
 one global ranking by magnitude would first empty the layers with small weights and keep the
 costly ones (a small ResNet's 7x7 stem holds half of its FLOPs and its largest weights), which
 is not how practitioners prune. Methods that only take a number of groups (hf_oto's optimizers
@@ -35,47 +36,48 @@ class FlopsTarget:
         """Kept FLOPs as a fraction of the dense model's."""
         return self.estimator.estimate(remove)[1] / self.dense
 
-    def _ranks(self, scores: torch.Tensor | None) -> torch.Tensor:
-        """Rank of every prunable group inside its block: by ``scores`` (lowest first) or index."""
-        rank = torch.zeros(len(self.groups), dtype=torch.long)
+    def _order(self, scores: torch.Tensor | None) -> torch.Tensor:
+        """Prunable groups in removal order: by their position inside their block (lowest score
+        first, or by index), as a fraction of the block's size, so that taking the first k of
+        them removes about the same share of every block, one group at a time."""
+        position = torch.zeros(len(self.groups))
         for b in range(len(self.sizes)):
             members = (self.block == b).nonzero().flatten()
             if scores is not None:
                 members = members[torch.argsort(scores[members], stable=True)]
-            rank[members] = torch.arange(len(members))
-        return rank
+            position[members] = (torch.arange(len(members)) + 1.0) / len(members)
+        prunable = (self.block >= 0).nonzero().flatten()
+        return prunable[torch.argsort(position[prunable], stable=True)]
 
-    def _share(self, share: float, rank: torch.Tensor) -> torch.Tensor:
-        """The first ``ceil(share * n)`` groups by ``rank`` of every block of ``n`` groups."""
-        cut = torch.ceil(share * self.sizes.float()).long()
-        return self.groups.feasible_removal((self.block >= 0) & (rank < cut[self.block.clamp(min=0)]))
+    def _first(self, order: torch.Tensor, k: int) -> torch.Tensor:
+        mask = torch.zeros(len(self.groups), dtype=torch.bool)
+        mask[order[:k]] = True
+        return self.groups.feasible_removal(mask)
 
-    def _smallest_share(self, target: float, rank: torch.Tensor) -> float:
-        """Bisection: kept FLOPs only fall as the share grows."""
-        lo, hi = 0.0, 0.99
-        for _ in range(16):
-            mid = (lo + hi) / 2
-            if self.kept(self._share(mid, rank)) <= target:
+    def _fewest(self, order: torch.Tensor, target: float) -> torch.Tensor:
+        """The shortest prefix of ``order`` that meets ``target`` (kept FLOPs only fall as it grows)."""
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.kept(self._first(order, mid)) <= target:
                 hi = mid
             else:
-                lo = mid
-        return hi
+                lo = mid + 1
+        return self._first(order, lo)
 
     def remove_by_score(self, scores: torch.Tensor, target: float, already: torch.Tensor | None = None) -> torch.Tensor:
-        """The lowest-scoring groups of every block, the smallest equal share that meets
-        ``target`` kept FLOPs. Groups in ``already`` stay removed (they rank first)."""
+        """The lowest-scoring groups of every block, about the same share of each, as few as meet
+        ``target`` kept FLOPs. Groups in ``already`` stay removed (they come first)."""
         scores = scores.float().clone()
         if already is not None:
             scores[already] = -float("inf")
-        rank = self._ranks(scores)
-        mask = self._share(self._smallest_share(target, rank), rank)
+        mask = self._fewest(self._order(scores), target)
         return mask if already is None else mask | already
 
     def uniform_sparsity(self, target: float) -> float:
-        """The group sparsity at which removing the same share of every block keeps ``target``
-        of the FLOPs."""
-        rank = self._ranks(None)
-        mask = self._share(self._smallest_share(target, rank), rank)
+        """The group sparsity at which removing about the same share of every block keeps
+        ``target`` of the FLOPs."""
+        mask = self._fewest(self._order(None), target)
         return math.floor(1000 * float(mask.sum()) / max(1, self.groups.num_prunable)) / 1000
 
 
