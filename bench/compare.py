@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = selected_rows(args)
     runnable = [r for r in rows if r.available() is None]
     total = 0.0
-    print(f"{len(rows)} rows ({len(rows) - len(runnable)} cannot run here), points {args.points}")
+    print(f"{len(rows)} rows ({len(rows) - len(runnable)} cannot run with this code: counted in the estimate "
+          f"all the same), points {args.points}")
     for task in tasks:
-        seconds, detail = estimate_seconds(task, len(runnable) * len(args.points), len(seeds_of(task, args)))
+        seconds, detail = estimate_seconds(task, len(rows) * len(args.points), len(seeds_of(task, args)))
         total += seconds
         print(f"  {task.name:<16} {task.budget.steps} steps, {len(seeds_of(task, args))} seed(s): "
               f"{detail['step_s'] * 1e3:.0f} ms/step, {detail['run_s']:.0f} s/run -> {seconds / 60:.0f} min")
