@@ -15,8 +15,7 @@ Scored on sentences of held-out documents, against the dense model:
 - ``spearman``: rank correlation between the two models' pairwise similarities (all pairs).
 
 The dense model scores 1, 100 and 1 by construction; what tells methods apart is how far each
-compressed model falls (one-shot magnitude pruning without training falls to a cosine of about
-0.5 at half the FLOPs).
+compressed model falls below that.
 """
 
 from __future__ import annotations
