@@ -29,8 +29,9 @@ NEW_SALIENCY = "taylor"
 
 
 def accepts(method: str, option: str) -> bool:
-    """Whether the optimizer of ``method`` takes ``option`` (the select branch's new options)."""
-    return option in inspect.signature(METHODS[method].__init__).parameters
+    """Whether the optimizer factory or the optimizer of ``method`` names ``option`` (the select
+    branch's new options)."""
+    return any(option in inspect.signature(f).parameters for f in (create_oto_optimizer, METHODS[method].__init__))
 
 
 class HfOto(Method):
