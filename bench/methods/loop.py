@@ -130,18 +130,29 @@ def run(task: Task, method: Method, seed: int, target: float | None, dense: nn.M
     try:
         final, ctx = train(task, method, seed, target, budget, dense_flops, show_progress, device)
     except Exception as err:  # noqa: BLE001 - the table records where and why
-        frame = traceback.extract_tb(err.__traceback__)[-1]
-        result.error = f"{type(err).__name__} in {frame.name} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}): " \
-                       f"{str(err).splitlines()[0][:200] if str(err) else ''}"
+        result.error = _describe(err, "training or compressing")
         result.seconds = time.perf_counter() - start
         return result
     result.seconds = time.perf_counter() - start
     result.extra_passes = ctx.extra_passes
     result.notes = ctx.notes
-    measure(task, final, dense, result, latency_repeats if cpu_latency else 0)
+    try:
+        measure(task, final, dense, result, latency_repeats if cpu_latency else 0)
+    except Exception as err:  # noqa: BLE001
+        result.error = _describe(err, "running the compressed model")
+        result.metrics = {}
+        return result
     if keep is not None:
         keep[method.name] = final
     return result
+
+
+def _describe(err: Exception, phase: str) -> str:
+    """Where (the innermost frame) and why a run failed, on one line."""
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    message = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"failed {phase}: {type(err).__name__} in {frame.name} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}): " \
+           f"{message}"
 
 
 def measure(task: Task, model: nn.Module, dense: nn.Module, result: RunResult, latency_repeats: int = 10) -> None:
