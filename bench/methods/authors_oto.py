@@ -6,10 +6,11 @@ It does not import on current torch as published: ``only_train_once.graph`` impo
 the new module (for this bench only, never in hf_oto); and its HESSO allocates one mask with
 ``.cuda()``, so on a machine without CUDA the shim makes ``Tensor.cuda`` a no-op while the
 optimizer steps. Set up as its README does: ``OTO(model, dummy_input)``, ``oto.hesso(...)``,
-``oto.construct_subnet()``; the group holding the embeddings (the hidden width) is marked
-unprunable so that it prunes the same kinds of structure as hf_oto's default (heads, FFN neurons,
-conv channels). It has no FLOPs target: its group sparsity is calibrated like hf_oto's stand-in.
-Where it fails, the table records where and why.
+``oto.construct_subnet()``; the groups holding parameters hf_oto's default never prunes (the
+hidden width of a Transformer, a ConvNeXt's LayerNorm-normalised channels) are marked unprunable,
+so that it prunes the same kinds of structure as hf_oto (``bench/tasks/families.py``). It has no
+FLOPs target: its group sparsity is calibrated like hf_oto's stand-in. Where it fails, the table
+records where and why.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class AuthorsHESSO(Method):
             model.set_attn_implementation("eager")
         was_training = model.training
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # it prints its progress
-            self.oto = OTO(model, spec.dummy_input)
+            dummy = spec.dummy_input[0] if len(spec.dummy_input) == 1 else spec.dummy_input
+            self.oto = OTO(model, dummy)
             if spec.unprunable_params:
                 self.oto.mark_unprunable_by_param_names(spec.unprunable_params)
         model.train(was_training)

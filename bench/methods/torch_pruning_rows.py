@@ -49,7 +49,7 @@ class TorchPruning(Method):
     def start(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         import torch_pruning as tp
 
-        spec = ctx.task.torch_pruning_spec(model)
+        spec = ctx.task.torch_pruning_spec(model, ctx.example_inputs)
         self.spec = spec
         imp = tp.importance.TaylorImportance() if self.importance == "taylor" else \
             tp.importance.MagnitudeImportance(p=2, group_reduction="mean")

@@ -118,7 +118,8 @@ class Task:
         same budget (distillation: the teacher). ``None``: train the dense model."""
         return None
 
-    def torch_pruning_spec(self, model: nn.Module) -> TorchPruningSpec:
+    def torch_pruning_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> TorchPruningSpec:
+        """``inputs``: the example inputs, on the model's device."""
         raise NotImplementedError
 
     def authors_oto_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> AuthorsOTOSpec:

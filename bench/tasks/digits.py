@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import Budget, Task, TorchPruningSpec, epoch_batches, model_device
-from .families import vision_authors_oto, vision_torch_pruning
+from .families import authors_oto, vision_torch_pruning
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "vision"))
 
@@ -79,8 +79,8 @@ class DigitsTask(Task):
     def latency_inputs(self) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.val_x[:32]}
 
-    def torch_pruning_spec(self, model: nn.Module) -> TorchPruningSpec:
-        return vision_torch_pruning(model)
+    def torch_pruning_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> TorchPruningSpec:
+        return vision_torch_pruning(model, inputs)
 
     def authors_oto_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
-        return vision_authors_oto(inputs)
+        return authors_oto(model, inputs, ("pixel_values",))

@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import Budget, Task, TorchPruningSpec, epoch_batches, model_device
 from .english import fingerprint, split_sentences
-from .families import bert_authors_oto, bert_torch_pruning
+from .families import authors_oto, bert_torch_pruning
 
 
 def mean_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -151,8 +151,8 @@ class EmbeddingDistillationTask(Task):
     def latency_inputs(self) -> dict[str, torch.Tensor]:
         return {k: v[:16] for k, v in self.eval_tensors.items()}
 
-    def torch_pruning_spec(self, model: nn.Module) -> TorchPruningSpec:
-        return bert_torch_pruning(model, lambda out: out.last_hidden_state.sum())
+    def torch_pruning_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> TorchPruningSpec:
+        return bert_torch_pruning(model, inputs, lambda out: out.last_hidden_state.sum())
 
     def authors_oto_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
-        return bert_authors_oto(model, inputs)
+        return authors_oto(model, inputs, ("input_ids", "attention_mask"), eager_attention=True)

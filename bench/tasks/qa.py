@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .base import Budget, Task, TorchPruningSpec, epoch_batches, model_device
-from .families import bert_authors_oto, bert_torch_pruning
+from .families import authors_oto, bert_torch_pruning
 
 SQUAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "squad")
 sys.path.insert(0, SQUAD)
@@ -47,7 +47,7 @@ class QATask(Task):
         self.model_name = model
         self.model_path = run_squad.resolve_model(model)
         self.name = "qa-hard" if dataset_name is None else "qa-" + os.path.basename(dataset_name.rstrip("/"))
-        self.budget = budget or Budget(steps=200, batch_size=16, learning_rate=1e-4)
+        self.budget = budget or Budget(steps=150, batch_size=16, learning_rate=2e-4)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model} has no fast tokenizer, which the span post-processing needs")
@@ -120,8 +120,8 @@ class QATask(Task):
     def latency_inputs(self) -> dict[str, torch.Tensor]:
         return {k: v[:8] for k, v in self.dev_tensors.items()}
 
-    def torch_pruning_spec(self, model: nn.Module) -> TorchPruningSpec:
-        return bert_torch_pruning(model, lambda out: out.start_logits.sum() + out.end_logits.sum())
+    def torch_pruning_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> TorchPruningSpec:
+        return bert_torch_pruning(model, inputs, lambda out: out.start_logits.sum() + out.end_logits.sum())
 
     def authors_oto_spec(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
-        return bert_authors_oto(model, inputs)
+        return authors_oto(model, inputs, MODEL_INPUTS, eager_attention=True)
