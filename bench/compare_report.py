@@ -34,7 +34,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[name] = _mean_std([r["metrics"][name] for r in ok])
             row["kept_flops"] = _mean_std([r["kept_flops"] for r in ok])
             row["params"] = statistics.fmean(r["params"] for r in ok)
-            row["latency"] = _mean_std([r["latency_s"] / r["dense_latency_s"] for r in ok if r["dense_latency_s"]])
+            row["latency"] = _mean_std([r["latency_ratio"] for r in ok if r.get("latency_ratio")])
             row["seconds"] = statistics.fmean(r["seconds"] for r in ok)
         rows.append(row)
     return rows

@@ -5,6 +5,7 @@ physical model, CPU latency against the dense model in the same measurement)."""
 from __future__ import annotations
 
 import random
+import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ class RunResult:
     kept_flops: float = 1.0
     latency_s: float = 0.0
     dense_latency_s: float = 0.0
+    latency_ratio: float = 0.0          # compressed / dense CPU latency, measured together
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     error: str | None = None
@@ -113,7 +115,7 @@ def _target(target: float | None) -> str:
 
 
 def run(task: Task, method: Method, seed: int, target: float | None, dense: nn.Module,
-        budget: Budget | None = None, latency_repeats: int = 10, show_progress: bool = True,
+        budget: Budget | None = None, latency_repeats: int = 20, show_progress: bool = True,
         device: str = "cpu", cpu_latency: bool = True, keep: dict[str, nn.Module] | None = None) -> RunResult:
     """Train, then measure against ``dense`` (the reference model of this task and seed). A
     failing method gives a result with ``error`` set (where it failed and why), not an exception.
@@ -155,7 +157,7 @@ def _describe(err: Exception, phase: str) -> str:
            f"{message}"
 
 
-def measure(task: Task, model: nn.Module, dense: nn.Module, result: RunResult, latency_repeats: int = 10) -> None:
+def measure(task: Task, model: nn.Module, dense: nn.Module, result: RunResult, latency_repeats: int = 20) -> None:
     """Quality, size, FLOPs and CPU latency of ``model``, the latter measured interleaved with
     ``dense`` so that machine load affects both alike (``latency_repeats=0``: no latency)."""
     with torch.no_grad():
@@ -167,9 +169,14 @@ def measure(task: Task, model: nn.Module, dense: nn.Module, result: RunResult, l
         if not latency_repeats:
             return
         batch = task.latency_inputs()
-        dense_s, model_s = measure_latency(dense, model, inputs=batch, repeats=latency_repeats, warmup=2,
-                                           number=passes_per_sample(dense, batch))
-    result.latency_s, result.dense_latency_s = model_s, dense_s
+        number = passes_per_sample(dense, batch)
+        rounds = [measure_latency(dense, model, inputs=batch, repeats=max(1, latency_repeats // 5), warmup=1,
+                                  number=number) for _ in range(5)]
+    # Five short rounds, each comparing the two models interleaved; the median of the rounds'
+    # ratios resists load that changes within a round better than one ratio of medians.
+    result.dense_latency_s = statistics.median(d for d, _ in rounds)
+    result.latency_s = statistics.median(m for _, m in rounds)
+    result.latency_ratio = statistics.median(m / d for d, m in rounds)
 
 
 def passes_per_sample(model: nn.Module, inputs: dict[str, torch.Tensor], seconds: float = 0.05) -> int:
@@ -206,5 +213,5 @@ def dense_reference(task: Task, seed: int, budget: Budget | None = None, show_pr
         result.steps = 0
         result.notes.append("the dense model is the task's reference (not trained)")
     result.seconds = time.perf_counter() - start
-    measure(task, model, model, result, latency_repeats=3 if cpu_latency else 0)
+    measure(task, model, model, result, latency_repeats=5 if cpu_latency else 0)
     return model, result
