@@ -6,6 +6,12 @@ are built from syllables, so the data has no licence constraints. Train and vali
 disjoint entities.
 
     python examples/squad/make_data.py --out examples/squad/data
+
+``--hard`` writes the hard variant (``hard_data.py``: long paragraphs, distractors of the answer's
+type, paraphrased validation questions, answer types training never shows), the QA task of
+``bench/compare.py``, which generates the same data in memory:
+
+    python examples/squad/make_data.py --hard --out data/hard
 """
 
 from __future__ import annotations
@@ -14,6 +20,11 @@ import argparse
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hard_data import make_hard_split  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "ri", "ven", "mar", "tis", "dor", "el", "an", "bru", "sel", "qui", "ra", "tho",
              "mi", "gal", "ost", "ur", "pen", "das", "lia", "vor", "ne", "sha", "bel", "cor", "fin", "ha"]
@@ -109,6 +120,7 @@ def _company_facts(w: World, rng: random.Random) -> tuple[list[str], list[tuple[
 
 
 KINDS = [_person_facts, _city_facts, _company_facts]
+HARD_SIZES = (900, 150)  # train / validation paragraphs of the hard variant
 
 
 def make_split(n_paragraphs: int, seed: int, used: set[str], prefix: str) -> dict:
@@ -134,16 +146,27 @@ def make_split(n_paragraphs: int, seed: int, used: set[str], prefix: str) -> dic
     return {"version": "hf_oto-synthetic-1.0", "data": data}
 
 
+def make_splits(hard: bool = False, train_paragraphs: int | None = None,
+                validation_paragraphs: int | None = None) -> dict[str, dict]:
+    """``{"train": ..., "validation": ...}`` in SQuAD v1.1 JSON; deterministic (fixed seeds)."""
+    used: set[str] = set()
+    if hard:
+        return {"train": make_hard_split(train_paragraphs or HARD_SIZES[0], 0, used, "train", validation=False),
+                "validation": make_hard_split(validation_paragraphs or HARD_SIZES[1], 1, used, "validation",
+                                              validation=True)}
+    return {"train": make_split(train_paragraphs or 700, 0, used, "train"),
+            "validation": make_split(validation_paragraphs or 80, 1, used, "validation")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data"))
-    parser.add_argument("--train_paragraphs", type=int, default=700)
-    parser.add_argument("--validation_paragraphs", type=int, default=80)
+    parser.add_argument("--train_paragraphs", type=int, default=None, help="default 700 (hard: 900)")
+    parser.add_argument("--validation_paragraphs", type=int, default=None, help="default 80 (hard: 150)")
+    parser.add_argument("--hard", action="store_true", help="the hard variant (see hard_data.py)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    used: set[str] = set()
-    for split, n, seed in (("train", args.train_paragraphs, 0), ("validation", args.validation_paragraphs, 1)):
-        data = make_split(n, seed, used, split)
+    for split, data in make_splits(args.hard, args.train_paragraphs, args.validation_paragraphs).items():
         path = os.path.join(args.out, f"{split}.json")
         with open(path, "w") as f:
             json.dump(data, f, indent=0)

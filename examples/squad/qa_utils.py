@@ -19,8 +19,13 @@ def read_squad_json(path: str) -> datasets.Dataset:
         raise FileNotFoundError(f"no SQuAD file at {path!r}")
     with open(path) as f:
         raw = json.load(f)
+    return squad_dataset(raw, path)
+
+
+def squad_dataset(raw: Any, source: str = "the data") -> datasets.Dataset:
+    """SQuAD v1.1 JSON (already parsed) as a flat dataset with the columns of the Hub's ``squad``."""
     if not isinstance(raw, dict) or "data" not in raw:
-        raise ValueError(f"{path} is not in SQuAD format: expected a JSON object with a 'data' list")
+        raise ValueError(f"{source} is not in SQuAD format: expected a JSON object with a 'data' list")
     rows: dict[str, list[Any]] = {k: [] for k in ("id", "title", "context", "question", "answers")}
     for article in raw["data"]:
         for paragraph in article.get("paragraphs", []):
@@ -33,7 +38,7 @@ def read_squad_json(path: str) -> datasets.Dataset:
                 rows["answers"].append({"text": [a["text"] for a in answers],
                                         "answer_start": [a["answer_start"] for a in answers]})
     if not rows["id"]:
-        raise ValueError(f"{path} contains no questions")
+        raise ValueError(f"{source} contains no questions")
     return datasets.Dataset.from_dict(rows)
 
 
