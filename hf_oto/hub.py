@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .plots import LAYERS_PNG, TRAINING_PNG
 
 # Model class suffix -> (pipeline task of the model-index, the Auto class that loads it)
 _TASKS = [
@@ -43,6 +45,10 @@ class CompressionReport:
     settings: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     quantization: dict[str, Any] = field(default_factory=dict)  # OPQ post-step: rate, bits/weight, bytes
+    # The training logs the curves in training.png come from (step, loss, group_sparsity, kept_*),
+    # and the optimizer steps where the method pruned (None: the method has no pruning window).
+    training_log: list[dict[str, float]] = field(default_factory=list)
+    pruning_window: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,11 +83,16 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>") -> ModelCard:
+def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>",
+                     images: Sequence[str] = ()) -> ModelCard:
     """A model card with the compression figures, built without any network access.
 
+    ``images`` are file names beside the card (``training.png``, ``layers.png``, written by
+    :func:`hf_oto.plots.save_plots`), embedded with relative links so that they show on the Hub
+    and in a local viewer alike.
+
     Example:
-        >>> card = build_model_card(report)                    # doctest: +SKIP
+        >>> card = build_model_card(report, images=["training.png"])    # doctest: +SKIP
         >>> card.save("out/compressed/README.md")               # doctest: +SKIP
     """
     task, auto = task_of(report.model_class)
@@ -126,9 +137,16 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
     if report.quantization:
         lines.append(f"| weights (OPQ) | 32 bits | {report.quantization.get('bits_per_weight', 0):.2f} bits | "
                      f"{report.quantization.get('compression_rate', 0):.2f}x |")
+    if TRAINING_PNG in images:
+        lines += ["", "## Training", "",
+                  f"![Training loss, group sparsity and kept FLOPs against the optimizer steps; the pruning window "
+                  f"is shaded]({TRAINING_PNG})"]
+    if report.layers or LAYERS_PNG in images:
+        lines += ["", "## What was removed"]
+    if LAYERS_PNG in images:
+        lines += ["", f"![Kept and removed heads, neurons and channels per layer]({LAYERS_PNG})"]
     if report.layers:
-        lines += ["", "## What was removed", "", "| layer | kind | groups | removed | kept |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += ["", "| layer | kind | groups | removed | kept |", "| --- | --- | ---: | ---: | ---: |"]
         for row in report.layers:
             if row["removed"] or row["kind"] != "hidden":
                 lines.append(f"| `{row['layer'] or '<model>'}` | {row['kind']} | {row['total']} | {row['removed']} | "
