@@ -63,6 +63,10 @@ class CompressionReport:
             return cls(**json.load(f))
 
 
+# Evaluation keys that describe the run, not the model (eval_runtime, model_preparation_time, ...).
+_RUN_METRICS = ("runtime", "_time", "per_second")
+
+
 def task_of(model_class: str) -> tuple[str | None, str]:
     """``(pipeline task, Auto class)`` for a model class name such as ``HfOtoBertForQuestionAnswering``."""
     for suffix, task, auto in _TASKS:
@@ -100,7 +104,7 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
     results = []
     if task:
         for name, value in final.items():
-            if isinstance(value, (int, float)) and not name.endswith(("runtime", "per_second", "_steps", "epoch")):
+            if isinstance(value, (int, float)) and not name.endswith(_RUN_METRICS + ("_steps", "epoch")):
                 results.append(EvalResult(task_type=task, dataset_type=(report.datasets or ["custom"])[0],
                                           dataset_name=(report.datasets or ["custom"])[0],
                                           metric_type=name, metric_value=float(value)))
@@ -153,7 +157,7 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
                              f"{row['total'] - row['removed']} |")
     if report.metrics:
         names = sorted({k for stage in report.metrics.values() for k in stage
-                        if not k.endswith(("runtime", "per_second"))})
+                        if not k.endswith(_RUN_METRICS)})
         stages = list(report.metrics)
         lines += ["", "## Evaluation", "", "| metric | " + " | ".join(stages) + " |",
                   "| --- |" + " ---: |" * len(stages)]

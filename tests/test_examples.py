@@ -200,7 +200,8 @@ def test_run_vision_default_runs_offline_and_reloads_exactly(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["params"][1] < results["params"][0] and results["flops"][1] < results["flops"][0]
     sparse, compressed = results["metrics"]["sparse"], results["metrics"]["compressed"]
-    assert sparse["accuracy"] == compressed["accuracy"] and sparse["loss"] == pytest.approx(compressed["loss"], rel=1e-5)
+    assert sparse["accuracy"] == compressed["accuracy"]
+    assert sparse["loss"] == pytest.approx(compressed["loss"], rel=1e-5)
 
     folder = out / "compressed"
     assert {"config.json", "model.safetensors", "README.md", "training.png", "layers.png"} <= set(os.listdir(folder))
