@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .plots import LAYERS_PNG, TRAINING_PNG
 
 # Model class suffix -> (pipeline task of the model-index, the Auto class that loads it)
 _TASKS = [
@@ -45,6 +47,10 @@ class CompressionReport:
     settings: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     quantization: dict[str, Any] = field(default_factory=dict)  # OPQ post-step: rate, bits/weight, bytes
+    # The training logs the curves in training.png come from (step, loss, group_sparsity, kept_*),
+    # and the optimizer steps where the method pruned (None: the method has no pruning window).
+    training_log: list[dict[str, float]] = field(default_factory=list)
+    pruning_window: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +63,10 @@ class CompressionReport:
     def load(cls, path: str | os.PathLike) -> "CompressionReport":
         with open(path) as f:
             return cls(**json.load(f))
+
+
+# Evaluation keys that describe the run, not the model (eval_runtime, model_preparation_time, ...).
+_RUN_METRICS = ("runtime", "_time", "per_second")
 
 
 def task_of(model_class: str) -> tuple[str | None, str]:
@@ -89,11 +99,16 @@ def _target_line(settings: dict[str, Any]) -> str:
     return ""
 
 
-def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>") -> ModelCard:
+def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-repo-id>",
+                     images: Sequence[str] = ()) -> ModelCard:
     """A model card with the compression figures, built without any network access.
 
+    ``images`` are file names beside the card (``training.png``, ``layers.png``, written by
+    :func:`hf_oto.plots.save_plots`), embedded with relative links so that they show on the Hub
+    and in a local viewer alike.
+
     Example:
-        >>> card = build_model_card(report)                    # doctest: +SKIP
+        >>> card = build_model_card(report, images=["training.png"])    # doctest: +SKIP
         >>> card.save("out/compressed/README.md")               # doctest: +SKIP
     """
     task, auto = task_of(report.model_class)
@@ -101,7 +116,7 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
     results = []
     if task:
         for name, value in final.items():
-            if isinstance(value, (int, float)) and not name.endswith(("runtime", "per_second", "_steps", "epoch")):
+            if isinstance(value, (int, float)) and not name.endswith(_RUN_METRICS + ("_steps", "epoch")):
                 results.append(EvalResult(task_type=task, dataset_type=(report.datasets or ["custom"])[0],
                                           dataset_name=(report.datasets or ["custom"])[0],
                                           metric_type=name, metric_value=float(value)))
@@ -149,16 +164,23 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
     target = _target_line(report.settings)
     if any(kept):
         lines += ["", "Kept: " + ", ".join(k for k in kept if k) + "." + (f" Target: {target}." if target else "")]
+    if TRAINING_PNG in images:
+        lines += ["", "## Training", "",
+                  f"![Training loss, group sparsity and kept FLOPs against the optimizer steps; the pruning window "
+                  f"is shaded]({TRAINING_PNG})"]
+    if report.layers or LAYERS_PNG in images:
+        lines += ["", "## What was removed"]
+    if LAYERS_PNG in images:
+        lines += ["", f"![Kept and removed heads, neurons and channels per layer]({LAYERS_PNG})"]
     if report.layers:
-        lines += ["", "## What was removed", "", "| layer | kind | groups | removed | kept |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += ["", "| layer | kind | groups | removed | kept |", "| --- | --- | ---: | ---: | ---: |"]
         for row in report.layers:
             if row["removed"] or row["kind"] != "hidden":
                 lines.append(f"| `{row['layer'] or '<model>'}` | {row['kind']} | {row['total']} | {row['removed']} | "
                              f"{row['total'] - row['removed']} |")
     if report.metrics:
         names = sorted({k for stage in report.metrics.values() for k in stage
-                        if not k.endswith(("runtime", "per_second"))})
+                        if not k.endswith(_RUN_METRICS)})
         stages = list(report.metrics)
         lines += ["", "## Evaluation", "", "| metric | " + " | ".join(stages) + " |",
                   "| --- |" + " ---: |" * len(stages)]

@@ -37,6 +37,7 @@ from .groups import ZeroInvariantGroups
 from .hub import CompressionReport, build_model_card, push_folder
 from .measure import CompressionEstimator, count_flops, measure_latency, num_parameters
 from .methods import CompressionMethod, TrainingSettings, get_method
+from .plots import save_plots, training_curve
 from .training_args import OTOTrainingArguments
 
 # Metric values of an exact compression may differ by float summation order only.
@@ -296,7 +297,10 @@ class OTOTrainer(Trainer):
             datasets=_dataset_names(self.train_dataset), exact=self.oto_method.exact,
             params_before=self._oto_dense["params"], params_after=num_parameters(small),
             flops_before=self._oto_dense["flops"], flops_after=count_flops(small, inputs),
-            flops_inputs=_describe(inputs), settings=self.args.oto_summary(), command=self._oto_command)
+            flops_inputs=_describe(inputs), settings=self.args.oto_summary(), command=self._oto_command,
+            training_log=training_curve(self.state.log_history))
+        if self.oto_method.uses_pruning_window and self.state.max_steps:
+            report.pruning_window = list(self.args.pruning_steps(self.state.max_steps))
         if groups is not None and removed is not None:
             removed = groups.feasible_removal(removed)
             report.layers = _layer_table(groups, removed)
@@ -348,7 +352,8 @@ class OTOTrainer(Trainer):
             raise RuntimeError(f"the compressed model's metrics differ from the sparse model's: {differ}")
 
     def save_compressed(self, output_dir: str | None = None) -> str:
-        """Write the compressed model, the processing class, ``oto_report.json`` and the model card.
+        """Write the compressed model, the processing class, ``oto_report.json`` and the model card
+        (with ``training.png`` and ``layers.png`` embedded when matplotlib is installed).
 
         The folder is written next to its destination and moved into place at the end, so a
         failure never leaves a half-written or overwritten result. Returns the folder.
@@ -365,7 +370,8 @@ class OTOTrainer(Trainer):
                     self.processing_class.save_pretrained(staging)
                 self.oto_report.save(os.path.join(staging, "oto_report.json"))
                 repo = self.args.hub_model_id or os.path.basename(target)
-                build_model_card(self.oto_report, repo).save(os.path.join(staging, "README.md"))
+                images = save_plots(staging, self.oto_report)
+                build_model_card(self.oto_report, repo, images).save(os.path.join(staging, "README.md"))
                 publish_dir(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)

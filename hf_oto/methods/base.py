@@ -60,6 +60,9 @@ class CompressionMethod:
     needs_groups: ClassVar[bool] = True
     #: Whether ``finalize`` reproduces the trained model's outputs exactly.
     exact: ClassVar[bool] = True
+    #: Whether training follows the trainer's pruning window (``oto_pruning_start``/``_end``): the
+    #: window is then shaded in ``training.png``.
+    uses_pruning_window: ClassVar[bool] = False
     #: Set by ``finalize`` when it removes groups that are not all zero (a bool mask over groups),
     #: so the model card lists what was really removed.
     removed_groups: torch.Tensor | None = None

@@ -23,6 +23,7 @@ class GroupSparsityMethod(CompressionMethod):
     """Shared adapter: build the optimizer from the trainer's settings, report its metrics."""
 
     exact = True
+    uses_pruning_window = True
 
     def __init__(self, **options: Any) -> None:
         self.options = options
