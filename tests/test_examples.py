@@ -124,7 +124,8 @@ def test_run_squad_end_to_end_on_tiny_data(tiny_qa_model, tmp_path):
                      "--max_train_samples", "96", "--max_eval_samples", "24", "--max_steps", "8",
                      "--per_device_train_batch_size", "12", "--learning_rate", "3e-3",
                      "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
-                     "--target_group_sparsity", "0.4", "--output_dir", str(out), cwd=tmp_path)
+                     "--target_group_sparsity", "0.4", "--logging_steps", "2", "--output_dir", str(out),
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "exact_match (trained)" in result.stdout and "parameters" in result.stdout
     results = json.loads((out / "results.json").read_text())
