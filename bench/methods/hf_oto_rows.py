@@ -79,7 +79,8 @@ class HfOto(Method):
             # Calibrated stand-in until target_kept_flops exists: the table shows the real FLOPs.
             sparsity = FlopsTarget(model, self.groups, ctx.example_inputs).uniform_sparsity(ctx.target_kept_flops)
             kwargs["target_group_sparsity"] = sparsity
-            ctx.notes.append(f"group sparsity {sparsity:.3f} calibrated to the FLOPs target (no target_kept_flops)")
+            ctx.notes.append(f"no FLOPs target: group sparsity {sparsity:.3f} (calibrated to it) is its upper bound; "
+                             "its default lmbda decides how far it gets")
         self.opt = create_oto_optimizer(model, self.groups, **kwargs)
         return self.opt
 
