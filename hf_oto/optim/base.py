@@ -14,8 +14,12 @@ Reference: the Only-Train-Once authors' public code, read, never copied: tianyic
 matches it and where we differ; ``tests/test_optim_parity.py`` runs HESSO and DHSPG next to them.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
-replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
-optimizers (DeepSpeed ZeRO, FSDP) are **not** supported: a group's norm would span ranks.
+replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Parameters
+sharded by rows (FSDP2 ``fully_shard``: DTensors placed ``Shard(0)``) are supported: each rank
+computes its rows' share of every group statistic, one all-reduce per step adds them up
+(:mod:`hf_oto.optim._sharding`), and every rank updates its own rows; the optimizer state is
+sharded like the parameters. Flat-buffer sharding (DeepSpeed ZeRO, FSDP1) is **not** supported:
+a shard there cuts through rows, so no rank could address a group's positions.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 from ..graph.analysis import _unwrap as unwrap_model  # the same unwrapping find_groups does
 from ..groups import ZeroInvariantGroups
 from ._index import Positions, PrunableIndex
+from ._sharding import local
 from .base_step import BaseStep, StepPlan  # noqa: F401 - StepPlan: the methods' interface
 
 VARIANTS = ("sgd", "adam", "adamw")
@@ -129,6 +134,9 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
         self.device = self._gparams[0].device if self._gparams else trainable[0].device
         self._index = PrunableIndex(groups, self._gparams, self.device)
+        #: FSDP2: the grouped parameters are DTensors; steps work on their local rows.
+        self._sharded = self._index.process_group is not None
+        self._zero_index: PrunableIndex | None = None  # over every group, for zero_groups() when sharded
         self._prunable = groups.prunable_mask.to(self.device)
         self.num_prunable = groups.num_prunable
         n = len(groups)
@@ -182,10 +190,22 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- reporting -----------------------------------------------------------------------------
+    def _local_params(self) -> list[torch.Tensor]:
+        """The grouped parameters as the tensors a step updates: this rank's rows when sharded."""
+        return [local(p) for p in self._gparams] if self._sharded else self._gparams
+
+    def _local_grads(self) -> list[torch.Tensor | None]:
+        return [local(p.grad) for p in self._gparams] if self._sharded else [p.grad for p in self._gparams]
+
     def zero_groups(self) -> torch.Tensor:
         """Bool over all groups: every parameter entry of the group is exactly zero."""
         with torch.no_grad():
-            return self.groups.zero_mask(self._gparams).cpu()
+            if not self._sharded:
+                return self.groups.zero_mask(self._gparams).cpu()
+            if self._zero_index is None:
+                everything = torch.ones(len(self.groups), dtype=torch.bool)
+                self._zero_index = PrunableIndex(self.groups, self._gparams, self.device, include=everything)
+            return (self._zero_index.sq_norms(self._local_params()) == 0).cpu()
 
     def redundant_groups(self) -> torch.Tensor:
         """Bool over all groups: the groups chosen for removal so far (frozen or in progress)."""
@@ -194,7 +214,7 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
     def prunable_zero_groups(self) -> torch.Tensor:
         """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
         with torch.no_grad():
-            return ((self._index.sq_norms(self._gparams) == 0) & self._prunable).cpu()
+            return ((self._index.sq_norms(self._local_params()) == 0) & self._prunable).cpu()
 
     def group_sparsity(self) -> float:
         """Fraction of the prunable groups whose parameters are all exactly zero."""
