@@ -60,7 +60,9 @@ def layouts(params: Sequence[torch.Tensor]) -> tuple[list[ShardLayout], object |
     Raises ValueError for placements other than ``Shard(0)`` or ``Replicate()`` on a 1-D mesh:
     group norms would need other reductions (FSDP1 and DeepSpeed ZeRO shard flat buffers instead).
     """
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if is_dtensor(p)}
+    # Each fully_shard call without a mesh builds its own (equal) default one: compare by ranks.
+    meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.shape), tuple(p.device_mesh.mesh.flatten().tolist())):
+              p.device_mesh for p in params if is_dtensor(p)}
     if not meshes:
         return [ShardLayout(0, p.shape[0] if p.dim() else 1) for p in params], None
     if len(meshes) > 1:

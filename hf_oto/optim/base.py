@@ -253,6 +253,32 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
                      "config": self._config(), "state": oto}
         return sd
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's optimizer state (zeros, step 0) without taking a step.
+
+        A distributed checkpoint loads *into* an existing state dict, so a resumed run calls this
+        before ``torch.distributed.checkpoint.load``. Zero moments start exactly as the lazy ones
+        would (torch's generic initialiser takes a zero-lr step instead, which would advance this
+        optimizer's pruning schedule). Under FSDP2 the state is created sharded like the parameters.
+
+        Example:
+            >>> opt.init_state()                                            # doctest: +SKIP
+            >>> state = {"model": model.state_dict(), "optim": opt.state_dict()}  # doctest: +SKIP
+            >>> torch.distributed.checkpoint.load(state, checkpoint_id="ckpt")     # doctest: +SKIP
+            >>> opt.load_state_dict(state["optim"])                        # doctest: +SKIP
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if self.variant == "sgd":
+                    if group["momentum"] != 0 and "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
