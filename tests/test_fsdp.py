@@ -59,3 +59,44 @@ def test_fsdp_sharded_checkpoint_resumes_bit_for_bit(tmp_path, monkeypatch):
     (resumed0, _), resumed = _results(tmp_path / "resumed")
     assert resumed0["zero_groups"] == full0["zero_groups"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path):
+    script = os.path.join(HERE, "fsdp_trainer.py")
+    _run([*_launcher("torchrun"), script, str(tmp_path / "fsdp"), "hesso", "4"], tmp_path)
+    _run([sys.executable, script, str(tmp_path / "single"), "hesso", "8"], tmp_path)
+    rank0, rank1, single = (json.load(open(tmp_path / p)) for p in
+                            ("fsdp/result-rank0.json", "fsdp/result-rank1.json", "single/result-rank0.json"))
+    assert rank0["fsdp"] and rank0["param_types"] == ["DTensor"]  # the optimizer really ran on shards
+    assert single["world_size"] == 1 and not single["fsdp"]
+    assert rank0["zero_groups"] == rank1["zero_groups"] == single["zero_groups"] != []
+    for name, value in single["params"].items():
+        assert abs(rank0["params"][name] - value) <= 1e-4 * max(1.0, abs(value)), name
+    # Rank 0 gathered, compressed and saved; rank 1 holds the report only.
+    assert rank0["compressed_params"] == single["compressed_params"] == rank1["report_params_after"]
+    assert rank1["compressed_params"] is None
+    from hf_oto import from_pretrained
+
+    reloaded = from_pretrained(rank0["folder"])
+    assert sum(p.numel() for p in reloaded.parameters()) == single["compressed_params"]
+    assert os.path.exists(os.path.join(rank0["folder"], "README.md"))
+
+
+def test_trainer_refuses_flat_sharding():
+    from types import SimpleNamespace
+
+    from hf_oto.fsdp import check_sharding
+    from hf_oto.methods import get_method
+
+    hesso = get_method("hesso")()
+    plain = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None))
+    assert check_sharding(plain, False, False, hesso) is False
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO.*cuts through"):
+        check_sharding(plain, True, False, hesso)
+    fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match="FSDP1"):
+        check_sharding(fsdp1, False, True, hesso)
+    fsdp2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    assert check_sharding(fsdp2, False, True, hesso) is True
+    with pytest.raises(ValueError, match="group-sparsity methods"):
+        check_sharding(fsdp2, False, True, get_method("magnitude")())

@@ -131,12 +131,12 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         self.variant = variant
         self.groups = groups
         self._gparams: list[torch.Tensor] = gparams
-        self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
+        self._positions_cache: dict[str, tuple[torch.Tensor, Positions]] = {}
         self.device = self._gparams[0].device if self._gparams else trainable[0].device
-        self._index = PrunableIndex(groups, self._gparams, self.device)
-        #: FSDP2: the grouped parameters are DTensors; steps work on their local rows.
-        self._sharded = self._index.process_group is not None
-        self._zero_index: PrunableIndex | None = None  # over every group, for zero_groups() when sharded
+        # Where each grouped parameter sits in param_groups, to notice when a wrapper swaps it.
+        where = {id(p): (gi, j) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
+        self._glocs = [where.get(id(p)) for p in self._gparams]
+        self._bind()
         self._prunable = groups.prunable_mask.to(self.device)
         self.num_prunable = groups.num_prunable
         n = len(groups)
@@ -190,6 +190,28 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- reporting -----------------------------------------------------------------------------
+    def _bind(self) -> None:
+        """Index the grouped parameters (again, after they were swapped for their shards)."""
+        self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
+        self._index = PrunableIndex(self.groups, self._gparams, self.device)
+        #: FSDP2: the grouped parameters are DTensors; steps work on their local rows.
+        self._sharded = self._index.process_group is not None
+        self._zero_index: PrunableIndex | None = None  # over every group, for zero_groups() when sharded
+        self._positions_cache.clear()
+
+    def _follow_swaps(self) -> None:
+        """accelerate's FSDP2 ``prepare`` shards a model after its optimizer was built and puts the
+        sharded parameters (DTensors) into ``param_groups`` in place of the originals: bind to them."""
+        swapped = False
+        for i, (loc, p) in enumerate(zip(self._glocs, self._gparams)):
+            if loc is not None:
+                live = self.param_groups[loc[0]]["params"][loc[1]]
+                if live is not p:
+                    self._gparams[i] = live
+                    swapped = True
+        if swapped:
+            self._bind()
+
     def _local_params(self) -> list[torch.Tensor]:
         """The grouped parameters as the tensors a step updates: this rank's rows when sharded."""
         return [local(p) for p in self._gparams] if self._sharded else self._gparams
@@ -199,6 +221,7 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
 
     def zero_groups(self) -> torch.Tensor:
         """Bool over all groups: every parameter entry of the group is exactly zero."""
+        self._follow_swaps()
         with torch.no_grad():
             if not self._sharded:
                 return self.groups.zero_mask(self._gparams).cpu()
@@ -213,6 +236,7 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
 
     def prunable_zero_groups(self) -> torch.Tensor:
         """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
+        self._follow_swaps()
         with torch.no_grad():
             return ((self._index.sq_norms(self._local_params()) == 0) & self._prunable).cpu()
 

@@ -113,6 +113,7 @@ class BaseStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_swaps()
         self._lp = self._local_params()  # this rank's rows of the grouped parameters (all, unsharded)
         committed = self._oto["committed"]
         if committed.any():
