@@ -40,6 +40,8 @@ from .measure import CompressionEstimator, count_flops, measure_latency, num_par
 from .methods import CompressionMethod, TrainingSettings, get_method
 from .training_args import OTOTrainingArguments
 
+#: The optimizer's pruning-schedule state in an FSDP checkpoint (accelerate saves torch's part only).
+OTO_OPTIMIZER_FILE = "oto_optimizer.pt"
 # Metric values of an exact compression may differ by float summation order only.
 _METRIC_RTOL = 1e-4
 
@@ -494,6 +496,24 @@ class OTOTrainer(Trainer):
         if self._oto_push_pending:
             self._oto_push_pending = False
             super()._push_from_checkpoint(final)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        # FSDP: accelerate saves the sharded torch state only; the schedule's state goes beside it.
+        if self._oto_sharded and self.args.should_save:
+            torch.save(self.oto_method.optimizer.oto_state_dict(), os.path.join(output_dir, OTO_OPTIMIZER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self._oto_sharded and self.optimizer is not None:
+            optimizer = self.oto_method.optimizer
+            path = os.path.join(checkpoint, OTO_OPTIMIZER_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {OTO_OPTIMIZER_FILE}: it was not written by OTOTrainer under FSDP2")
+            optimizer.expect_oto_state(torch.load(path, weights_only=True))
+            # A distributed checkpoint loads into existing state; torch's fallback would take a
+            # zero-lr step, which advances (and may project in) the pruning schedule.
+            optimizer.init_state()
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._oto_staging_dir or super()._get_output_dir(trial)

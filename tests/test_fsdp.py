@@ -100,3 +100,16 @@ def test_trainer_refuses_flat_sharding():
     assert check_sharding(fsdp2, False, True, hesso) is True
     with pytest.raises(ValueError, match="group-sparsity methods"):
         check_sharding(fsdp2, False, True, get_method("magnitude")())
+
+
+def test_trainer_fsdp2_checkpoint_resumes_bit_for_bit(tmp_path):
+    # A sharded (DCP) Trainer checkpoint after 4 of 8 steps, in the pruning window (steps 2..5):
+    # the resumed run ends with the very same weights and zero groups.
+    script = os.path.join(HERE, "fsdp_trainer.py")
+    _run([*_launcher("torchrun"), script, str(tmp_path / "full"), "hesso", "4", "save"], tmp_path)
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "oto_optimizer.pt").exists() and (checkpoint / "optimizer_0").is_dir()
+    _run([*_launcher("torchrun"), script, str(tmp_path / "resumed"), "hesso", "4", str(checkpoint)], tmp_path)
+    full, resumed = (json.load(open(tmp_path / p / "result-rank0.json")) for p in ("full", "resumed"))
+    assert resumed["zero_groups"] == full["zero_groups"] != []
+    assert resumed["digest"] == full["digest"]

@@ -272,10 +272,23 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         groups, method state (lambdas, counters) and the schedule. Plain tensors and numbers only,
         so ``torch.load(weights_only=True)`` (what ``transformers.Trainer`` uses) reads it."""
         sd = super().state_dict()
-        oto = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self._oto.items()}
-        sd["oto"] = {"method": self.method, "variant": self.variant, "num_groups": len(self.groups),
-                     "config": self._config(), "state": oto}
+        sd["oto"] = self.oto_state_dict()
         return sd
+
+    def oto_state_dict(self) -> dict[str, Any]:
+        """The ``"oto"`` entry of :meth:`state_dict` alone (the same on every rank, CPU tensors)."""
+        oto = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self._oto.items()}
+        return {"method": self.method, "variant": self.variant, "num_groups": len(self.groups),
+                "config": self._config(), "state": oto}
+
+    def expect_oto_state(self, oto: dict[str, Any]) -> None:
+        """The next :meth:`load_state_dict` without an ``"oto"`` entry takes this one.
+
+        Distributed checkpoints (``torch.distributed.checkpoint.state_dict``, which accelerate uses
+        for FSDP) keep only torch's ``state`` and ``param_groups``: the caller saves
+        :meth:`oto_state_dict` beside them and hands it back here before loading.
+        """
+        self._expected_oto = oto
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -306,6 +319,8 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
+        if oto is None:
+            oto, self._expected_oto = getattr(self, "_expected_oto", None), None
         if oto is None:
             raise ValueError("this optimizer state has no 'oto' entry: it was not saved by an hf_oto optimizer")
         if oto["method"] != self.method or oto["variant"] != self.variant:
