@@ -2,6 +2,7 @@
 
     python tests/fsdp_trainer.py OUT METHOD BATCH               # one process, no sharding
     torchrun --nproc_per_node 2 tests/fsdp_trainer.py OUT METHOD BATCH   # FSDP2 on 2 ranks
+    accelerate launch --use_fsdp --fsdp_version 2 ... tests/fsdp_trainer.py OUT METHOD BATCH  # FSDP2 from accelerate's config
     torchrun ... OUT METHOD BATCH save                   # ... with a checkpoint after 4 of 8 steps
     torchrun ... OUT METHOD BATCH CHECKPOINT             # resumes from that checkpoint
 
@@ -52,6 +53,7 @@ def main() -> None:
     extra = {}
     if sharded:
         allow_fsdp_on_cpu()
+    if sharded and os.environ.get("ACCELERATE_USE_FSDP") != "true":  # torchrun: the Trainer's arguments say FSDP2
         extra = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                              "transformer_layer_cls_to_wrap": ["BertLayer"],

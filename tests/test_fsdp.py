@@ -61,9 +61,19 @@ def test_fsdp_sharded_checkpoint_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path):
+def _accelerate_fsdp2() -> list[str]:
+    """accelerate launch with FSDP2 from its own options (what a config file sets), 2 processes."""
+    launch = _launcher("accelerate")  # its DDP form: swap --multi_gpu for the FSDP options
+    return [launch[0], "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", "BertLayer", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+            *launch[3:]]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path, launcher):
     script = os.path.join(HERE, "fsdp_trainer.py")
-    _run([*_launcher("torchrun"), script, str(tmp_path / "fsdp"), "hesso", "4"], tmp_path)
+    launch = _launcher("torchrun") if launcher == "torchrun" else _accelerate_fsdp2()
+    _run([*launch, script, str(tmp_path / "fsdp"), "hesso", "4"], tmp_path)
     _run([sys.executable, script, str(tmp_path / "single"), "hesso", "8"], tmp_path)
     rank0, rank1, single = (json.load(open(tmp_path / p)) for p in
                             ("fsdp/result-rank0.json", "fsdp/result-rank1.json", "single/result-rank0.json"))
