@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from hf_oto import find_groups
 from hf_oto.optim import DHSPG, HESSO
@@ -29,7 +30,7 @@ DTYPE = getattr(torch, os.environ.get("FSDP_TEST_DTYPE", "float64"))
 
 def build(method: str, model_name: str):
     torch.manual_seed(0)
-    model, inputs = {"llama": llama_gqa, "mixtral": mixtral_moe}[model_name]()
+    model, inputs = {"llama": llama_gqa, "mixtral": mixtral_moe, "mlp": mlp}[model_name]()
     # float64: splitting the batch changes the gradient's rounding (a mean of two half-batch means),
     # which Adam's normalisation magnifies to ~1e-6 in float32 within a few steps; in float64 what is
     # left to compare is the optimizer's own sharded arithmetic.
@@ -39,7 +40,7 @@ def build(method: str, model_name: str):
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
+        for layer in (model.model.layers if model_name != "mlp" else [m for m in model if isinstance(m, nn.Linear)]):
             fully_shard(layer)
         fully_shard(model)
     cls = {"hesso": HESSO, "dhspg": DHSPG}[method]
@@ -50,9 +51,19 @@ def build(method: str, model_name: str):
     return model, groups, cls(model, groups, **kwargs)
 
 
-def batch(step: int) -> torch.Tensor:
+def mlp():
+    """Widths 7, 5 and 1 split unevenly over 2 ranks (4 + 3 rows, 3 + 2, 1 + 0: a rank without rows)."""
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 1))
+    return model, (torch.randn(2, 6, dtype=DTYPE),)
+
+
+def loss(model, model_name: str, step: int, rows: slice) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randint(1, 120, (GLOBAL_BATCH, LENGTH), generator=g)
+    if model_name == "mlp":
+        x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=DTYPE)[rows]
+        return (model(x) - 1).square().mean()
+    ids = torch.randint(1, 120, (GLOBAL_BATCH, LENGTH), generator=g)[rows]
+    return model(input_ids=ids, labels=ids).loss
 
 
 def state_bytes(opt) -> int:
@@ -88,8 +99,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     share = GLOBAL_BATCH // world
     for step in range(first, steps):
-        ids = batch(step)[rank * share:(rank + 1) * share]
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss(model, model_name, step, slice(rank * share, (rank + 1) * share)).backward()
         opt.step()
         opt.zero_grad()
         if step + 1 == steps // 2 and not resume:

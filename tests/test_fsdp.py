@@ -29,9 +29,11 @@ def _max_difference(a, b) -> float:
 # Llama with grouped-query attention (heads, FFN neurons: rows of q/k/v/gate/up on each rank's shard,
 # columns of o/down summed across ranks), float64 so that only the optimizer's arithmetic differs.
 # Mixtral's experts are 3-D tensors sharded on the expert dim (per-expert position grids); its
-# grouped_mm runs in float32 only, where splitting the batch alone moves weights by ~1e-6.
+# grouped_mm runs in float32 only, where splitting the batch alone moves weights by ~1e-6. The MLP
+# has uneven shards and a rank without rows.
 @pytest.mark.parametrize("method,model,dtype,tol", [("hesso", "llama", "float64", 1e-6), ("dhspg", "llama", "float64", 1e-6),
-                                                    ("hesso", "mixtral", "float32", 2e-5)])
+                                                    ("hesso", "mixtral", "float32", 2e-5),
+                                                    ("dhspg", "mlp", "float64", 1e-6)])
 def test_fsdp_two_ranks_match_one_process(tmp_path, method, model, dtype, tol, monkeypatch):
     monkeypatch.setenv("FSDP_TEST_DTYPE", dtype)
     _run([*_launcher("torchrun"), SCRIPT, str(tmp_path / "fsdp"), method, model, "8"], tmp_path)
@@ -45,7 +47,8 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, method, model, dtype, tol, m
     # The state is sharded like the parameters: each rank holds half of it, as DTensors.
     assert rank0["state_types"] == rank1["state_types"] == ["DTensor"]
     assert rank0["state_bytes"] + rank1["state_bytes"] == single["state_bytes"]
-    assert max(rank0["state_bytes"], rank1["state_bytes"]) <= 0.55 * single["state_bytes"]
+    if model != "mlp":  # (the MLP's widths are odd on purpose: its shards are uneven)
+        assert max(rank0["state_bytes"], rank1["state_bytes"]) <= 0.55 * single["state_bytes"]
 
 
 def test_fsdp_sharded_checkpoint_resumes_bit_for_bit(tmp_path, monkeypatch):

@@ -76,6 +76,8 @@ class PrunableIndex:
             dim = s.dim if s.outer_dim is None else s.dims
             size = s.grid_size(shape)
             if self.process_group is not None:
+                if self.layouts[i].rows == 0:
+                    continue  # a dimension smaller than the mesh: this rank holds none of the tensor
                 on_rank, index, size = localize(index, dim, shape, self.layouts[i])
                 group = group[on_rank]
                 if index.numel() == 0:
