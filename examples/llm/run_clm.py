@@ -25,6 +25,7 @@ A pretrained model and a Hub dataset (needs network), on several GPUs with FSDP2
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -57,6 +58,9 @@ class ModelArguments:
     vocab_size: int = field(default=1024, metadata={"help": "scratch: BPE vocabulary size."})
     pretrain_steps: int = field(default=300, metadata={
         "help": "scratch: dense training steps before pruning (the stand-in for a pretrained checkpoint)."})
+    dense_baseline: bool = field(default=False, metadata={
+        "help": "Also train a copy of the dense model for the same steps without pruning (a fair reference: "
+                "the pruned model trained that long too)."})
 
 
 @dataclass
@@ -205,6 +209,21 @@ def main(argv: list[str] | None = None) -> dict:
             seed=training_args.seed, use_cpu=training_args.use_cpu)
         Trainer(model=model, args=dense_args, train_dataset=train, data_collator=collator).train()
 
+    baseline = None
+    if model_args.dense_baseline:
+        dense_args = TrainingArguments(
+            output_dir=os.path.join(training_args.output_dir, "dense-baseline"), max_steps=training_args.max_steps,
+            learning_rate=training_args.learning_rate, per_device_train_batch_size=training_args.per_device_train_batch_size,
+            per_device_eval_batch_size=training_args.per_device_eval_batch_size, warmup_steps=training_args.warmup_steps,
+            lr_scheduler_type=training_args.lr_scheduler_type, weight_decay=training_args.weight_decay,
+            logging_steps=training_args.logging_steps, save_strategy="no", report_to="none", seed=training_args.seed,
+            use_cpu=training_args.use_cpu)
+        reference = Trainer(model=copy.deepcopy(model), args=dense_args, train_dataset=train, eval_dataset=dev,
+                            data_collator=collator)
+        reference.train()
+        baseline = perplexity(reference.evaluate())
+        del reference
+
     trainer = OTOTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev,
                          data_collator=collator, processing_class=tokenizer)
     before = trainer.evaluate(metric_key_prefix="dense")
@@ -219,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
         ppl.update(sparse=perplexity(stages["sparse"]), compressed=perplexity(stages["compressed"]))
     report.metrics = {"dense start": {"perplexity": ppl["dense"]},
                       **{k: {**v, "perplexity": ppl[k]} for k, v in stages.items() if k in ppl}}
+    if baseline is not None:
+        ppl["dense_baseline"] = baseline
+        report.metrics["dense, trained as long without pruning"] = {"perplexity": baseline}
     folder = trainer.save_compressed()
     results = {"perplexity": ppl, "params": [report.params_before, report.params_after],
                "flops": [report.flops_before, report.flops_after], "folder": folder,
@@ -228,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"FLOPs        {report.flops_before / 1e6:8.1f}M -> {report.flops_after / 1e6:8.1f}M")
         print(f"perplexity   dense {ppl['dense']:.2f}" + (f", trained sparse {ppl['sparse']:.2f}, compressed "
                                                           f"{ppl['compressed']:.2f}" if "sparse" in ppl else ""))
+        if baseline is not None:
+            print(f"perplexity   dense trained as long without pruning {baseline:.2f}")
         print(f"compressed model and card: {folder}")
     return results
 
