@@ -56,6 +56,11 @@ class OTOTrainer(Trainer):
         groups: precomputed :class:`ZeroInvariantGroups` (default: found from the inputs).
         method: a :class:`~hf_oto.methods.CompressionMethod` instance, overriding ``args.oto_method``.
 
+    Multi-process: DDP, and FSDP2 (``fsdp_config={"fsdp_version": 2}`` or an accelerate FSDP2
+    config) for the group-sparsity methods. Under FSDP2 rank 0 gathers the weights after training
+    and builds the compressed model: ``compressed_model`` is set on rank 0 only, ``oto_report`` on
+    every rank (see :mod:`hf_oto.fsdp`). DeepSpeed ZeRO and FSDP1 are refused.
+
     Example:
         >>> args = OTOTrainingArguments(output_dir="out", oto_method="dhspg", target_group_sparsity=0.5)
         >>> trainer = OTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
