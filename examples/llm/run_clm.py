@@ -224,20 +224,25 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = perplexity(reference.evaluate())
         del reference
 
+    # The dense perplexity comes from the Trainer's evaluation at step 0 (eval_on_start): under FSDP2
+    # an evaluate() before train() would shard the model without its optimizer, which accelerate refuses.
+    training_args.eval_on_start = True
     trainer = OTOTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev,
                          data_collator=collator, processing_class=tokenizer)
-    before = trainer.evaluate(metric_key_prefix="dense")
     trainer.train()
+    before = next(e for e in trainer.state.log_history if "eval_loss" in e)
     report = trainer.oto_report
     report.datasets = [data_name]
     if model_args.model_name_or_path != SCRATCH:
         report.base_model = model_args.model_name_or_path
     stages = report.metrics  # "sparse" and "compressed" (eval_loss), checked equal by OTOTrainer
-    ppl = {"dense": perplexity(before, "dense")}
+    ppl = {"dense": perplexity(before)}
     if "sparse" in stages:
         ppl.update(sparse=perplexity(stages["sparse"]), compressed=perplexity(stages["compressed"]))
+    elif training_args.oto_check_compressed:  # FSDP2: the sparse model, evaluated on every rank
+        ppl["sparse"] = perplexity(trainer.evaluate())
     report.metrics = {"dense start": {"perplexity": ppl["dense"]},
-                      **{k: {**v, "perplexity": ppl[k]} for k, v in stages.items() if k in ppl}}
+                      **{k: {**stages.get(k, {}), "perplexity": ppl[k]} for k in ("sparse", "compressed") if k in ppl}}
     if baseline is not None:
         ppl["dense_baseline"] = baseline
         report.metrics["dense, trained as long without pruning"] = {"perplexity": baseline}
@@ -248,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         print(f"parameters   {report.params_before / 1e6:8.3f}M -> {report.params_after / 1e6:8.3f}M")
         print(f"FLOPs        {report.flops_before / 1e6:8.1f}M -> {report.flops_after / 1e6:8.1f}M")
-        print(f"perplexity   dense {ppl['dense']:.2f}" + (f", trained sparse {ppl['sparse']:.2f}, compressed "
-                                                          f"{ppl['compressed']:.2f}" if "sparse" in ppl else ""))
+        print(f"perplexity   dense {ppl['dense']:.2f}" + "".join(f", {name} {ppl[key]:.2f}" for key, name in (
+            ("sparse", "trained sparse"), ("compressed", "compressed")) if key in ppl))
         if baseline is not None:
             print(f"perplexity   dense trained as long without pruning {baseline:.2f}")
         print(f"compressed model and card: {folder}")
