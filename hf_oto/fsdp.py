@@ -61,20 +61,32 @@ def _base_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (FSDP2 has sharded it)."""
+    from .optim._sharding import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 @torch.no_grad()
-def gather_dense_model(model: nn.Module) -> nn.Module | None:
-    """A plain (unsharded) copy of an FSDP2 model on rank 0, on CPU; None on the other ranks.
+def gather_dense_model(model: nn.Module, everywhere: bool = False) -> nn.Module | None:
+    """A plain (unsharded) copy of an FSDP2 model on rank 0, on CPU; None on the other ranks
+    (with ``everywhere``, a copy on every rank).
 
     Every rank must call it (the weights are all-gathered). The copy is built from the model's
     config (random initialisation skipped) and loads the full state dict, so non-persistent
     buffers (rotary tables, position ids) are the ones the class builds.
+
+    Example:
+        >>> dense = gather_dense_model(trainer.model)       # doctest: +SKIP
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if not everywhere and dist.get_rank() != 0:
         return None
+    state = {k: v.detach().cpu() for k, v in state.items()}
     from transformers.initialization import no_init_weights
 
     with no_init_weights():

@@ -32,7 +32,7 @@ from .atomic import clean_leftovers, publish_dir, staging_path
 from .checkpoints import (OTO_CHECKPOINT_FILE, find_resumable_checkpoint, inspect_checkpoint, rotate_checkpoints,
                           write_oto_state)
 from .compress import save_pretrained as save_compressed_model
-from .fsdp import broadcast_object, check_sharding, gather_dense_model
+from .fsdp import broadcast_object, check_sharding, gather_dense_model, is_sharded
 from .graph import find_groups
 from .groups import ZeroInvariantGroups
 from .hub import CompressionReport, build_model_card, push_folder
@@ -123,6 +123,11 @@ class OTOTrainer(Trainer):
     def _oto_setup(self, checkpoint: str | None = None) -> None:
         if self.train_dataset is None:
             raise ValueError("OTOTrainer.train needs a train_dataset")
+        if is_sharded(self.model):
+            raise ValueError("the model is already sharded (its parameters are DTensors): OTOTrainer traces the dense "
+                             "model for its groups, then accelerate shards it. Pass the unsharded model (under FSDP2, "
+                             "do not evaluate or train it with another Trainer first), or gather it back with "
+                             "hf_oto.fsdp.gather_dense_model(model, everywhere=True)")
         batch = self._first_batch()
         model = self.model
         inputs = self._oto_inputs = self._trace_inputs(self._example_inputs() or batch)

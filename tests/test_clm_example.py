@@ -43,3 +43,28 @@ def test_clm_example_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         run_clm.main([*TINY, "--output_dir", str(tmp_path / "out"), "--train_file", str(tmp_path / "nope.txt"),
                       "--validation_file", str(tmp_path / "nope.txt")])
+
+
+def test_clm_example_under_accelerate_fsdp2(tmp_path):
+    """The README's multi-GPU command, on CPU with 2 processes: accelerate shards the decoder
+    (FSDP2), rank 0 writes the compressed model, both ranks report the same numbers."""
+    import json
+
+    from test_distributed import _launcher, _run
+
+    launch = _launcher("accelerate")
+    command = [launch[0], "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+               "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+               "--fsdp_state_dict_type", "SHARDED_STATE_DICT", *launch[3:], os.path.join(HERE, "fsdp_clm.py"),
+               *TINY, "--per_device_train_batch_size", "4",  # (the last value wins: the same global batch)
+               "--output_dir", str(tmp_path / "out")]
+    _run(command, tmp_path)
+    rank0, rank1 = (json.load(open(tmp_path / "out" / f"result-rank{r}.json")) for r in (0, 1))
+    assert rank0 == rank1
+    before, after = rank0["params"]
+    assert after < before and rank0["num_removed_groups"] > 0
+    assert all(math.isfinite(v) for v in rank0["perplexity"].values())
+    from hf_oto import from_pretrained
+
+    model = from_pretrained(rank0["folder"])
+    assert sum(p.numel() for p in model.parameters()) == after

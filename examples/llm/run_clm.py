@@ -40,6 +40,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLa
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from hf_oto import OTOTrainer, OTOTrainingArguments  # noqa: E402
+from hf_oto.fsdp import gather_dense_model, is_sharded  # noqa: E402
 
 logger = logging.getLogger("run_clm")
 SCRATCH = "scratch"
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
             warmup_steps=0.05, logging_steps=training_args.logging_steps, save_strategy="no", report_to="none",
             seed=training_args.seed, use_cpu=training_args.use_cpu)
         Trainer(model=model, args=dense_args, train_dataset=train, data_collator=collator).train()
+        if is_sharded(model):  # FSDP sharded it: OTOTrainer starts from the dense model
+            model = gather_dense_model(model, everywhere=True)
 
     baseline = None
     if model_args.dense_baseline:
