@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import torch
 from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -160,10 +160,10 @@ def lm_blocks(raw: datasets.Dataset, tokenizer, block_size: int, limit: int | No
     return blocks
 
 
-def build_model(model_args: ModelArguments, tokenizer, train_raw: datasets.Dataset, training_args) -> tuple:
-    """The model to prune and its tokenizer; 'scratch' trains both here (dense) first."""
+def build_model(model_args: ModelArguments, tokenizer):
+    """The model to prune: pretrained, or for 'scratch' a Llama-shaped decoder from a config (random weights)."""
     if model_args.model_name_or_path != SCRATCH:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path), tokenizer
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=model_args.hidden_size,
                          num_hidden_layers=model_args.num_hidden_layers,
                          num_attention_heads=model_args.num_attention_heads,
@@ -171,7 +171,7 @@ def build_model(model_args: ModelArguments, tokenizer, train_raw: datasets.Datas
                          intermediate_size=model_args.intermediate_size, max_position_embeddings=1024,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config), tokenizer
+    return LlamaForCausalLM(config)
 
 
 def perplexity(metrics: dict[str, float], prefix: str = "eval") -> float:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="tokenising"):
         train = lm_blocks(train_raw, tokenizer, data_args.block_size, data_args.max_train_samples)
         dev = lm_blocks(dev_raw, tokenizer, data_args.block_size, data_args.max_eval_samples)
-    model, tokenizer = build_model(model_args, tokenizer, train_raw, training_args)
+    model = build_model(model_args, tokenizer)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     if model_args.model_name_or_path == SCRATCH and model_args.pretrain_steps > 0:
