@@ -82,7 +82,8 @@ class ClmTrainingArguments(OTOTrainingArguments):
     output_dir: str | None = field(default="out/clm", metadata={"help": "Where checkpoints and results go."})
     oto_method: str = field(default="hesso", metadata={"help": OTOTrainingArguments.__dataclass_fields__[
         "oto_method"].metadata["help"]})
-    target_group_sparsity: float = field(default=0.3, metadata={"help": "Fraction of prunable groups to remove."})
+    target_group_sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of prunable groups to remove (0.3 unless --target_kept_flops/--target_kept_params is set)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     max_steps: int = field(default=300, metadata={"help": "Training steps with pruning."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device (training)."})
@@ -90,6 +91,11 @@ class ClmTrainingArguments(OTOTrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction if < 1)."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy."})
+
+    def __post_init__(self) -> None:
+        if self.target_group_sparsity is None and self.target_kept_flops is None and self.target_kept_params is None:
+            self.target_group_sparsity = 0.3
+        super().__post_init__()
 
 
 def pydoc_text() -> tuple[list[str], list[str]]:
