@@ -72,12 +72,12 @@ def _accelerate_fsdp2() -> list[str]:
             *launch[3:]]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path, launcher):
+@pytest.mark.parametrize("launcher,method", [("torchrun", "hesso"), ("accelerate", "dhspg")])
+def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path, launcher, method):
     script = os.path.join(HERE, "fsdp_trainer.py")
     launch = _launcher("torchrun") if launcher == "torchrun" else _accelerate_fsdp2()
-    _run([*launch, script, str(tmp_path / "fsdp"), "hesso", "4"], tmp_path)
-    _run([sys.executable, script, str(tmp_path / "single"), "hesso", "8"], tmp_path)
+    _run([*launch, script, str(tmp_path / "fsdp"), method, "4"], tmp_path)
+    _run([sys.executable, script, str(tmp_path / "single"), method, "8"], tmp_path)
     rank0, rank1, single = (json.load(open(tmp_path / p)) for p in
                             ("fsdp/result-rank0.json", "fsdp/result-rank1.json", "single/result-rank0.json"))
     assert rank0["fsdp"] and rank0["param_types"] == ["DTensor"]  # the optimizer really ran on shards
