@@ -32,6 +32,7 @@ from .atomic import clean_leftovers, publish_dir, staging_path
 from .checkpoints import (OTO_CHECKPOINT_FILE, find_resumable_checkpoint, inspect_checkpoint, rotate_checkpoints,
                           write_oto_state)
 from .compress import save_pretrained as save_compressed_model
+from .fsdp import broadcast_object, check_sharding, gather_dense_model, is_sharded
 from .graph import find_groups
 from .groups import ZeroInvariantGroups
 from .hub import CompressionReport, build_model_card, push_folder
@@ -40,6 +41,8 @@ from .methods import CompressionMethod, TrainingSettings, get_method
 from .plots import save_plots, training_curve
 from .training_args import OTOTrainingArguments
 
+#: The optimizer's pruning-schedule state in an FSDP checkpoint (accelerate saves torch's part only).
+OTO_OPTIMIZER_FILE = "oto_optimizer.pt"
 # Metric values of an exact compression may differ by float summation order only.
 _METRIC_RTOL = 1e-4
 
@@ -53,6 +56,11 @@ class OTOTrainer(Trainer):
         example_inputs: inputs for the dependency trace (default: the first training batch).
         groups: precomputed :class:`ZeroInvariantGroups` (default: found from the inputs).
         method: a :class:`~hf_oto.methods.CompressionMethod` instance, overriding ``args.oto_method``.
+
+    Multi-process: DDP, and FSDP2 (``fsdp_config={"fsdp_version": 2}`` or an accelerate FSDP2
+    config) for the group-sparsity methods. Under FSDP2 rank 0 gathers the weights after training
+    and builds the compressed model: ``compressed_model`` is set on rank 0 only, ``oto_report`` on
+    every rank (see :mod:`hf_oto.fsdp`). DeepSpeed ZeRO and FSDP1 are refused.
 
     Example:
         >>> args = OTOTrainingArguments(output_dir="out", oto_method="dhspg", target_group_sparsity=0.5)
@@ -74,16 +82,16 @@ class OTOTrainer(Trainer):
             raise ValueError("OTOTrainer does not support model_init: the groups and the compression method are "
                              "bound to one model instance; pass model= instead")
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "OTOTrainer does not support DeepSpeed ZeRO or FSDP: they shard parameters across processes, so the "
-                "norm of a zero-invariant group is not available on any one process and the projections would be "
-                "wrong. Use DDP (torchrun / accelerate launch --multi_gpu), which keeps parameters replicated.")
         if method is None:
             try:
                 method = get_method(args.oto_method)(**args.oto_method_kwargs)
             except TypeError as err:
                 raise ValueError(f"bad oto_method_kwargs for {args.oto_method!r}: {err}") from None
+        #: FSDP2: the optimizer works on row shards; rank 0 gathers the weights and compresses.
+        self._oto_sharded = check_sharding(self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled, method)
+        if self._oto_sharded and args.oto_post_quantize is not None:
+            raise ValueError("oto_post_quantize is not supported under FSDP2 yet: quantize the saved compressed "
+                             "model (hf_oto.methods.opq.quantize) after training")
         self.oto_method = method
         self.oto_groups = groups
         self.compressed_model: nn.Module | None = None
@@ -116,6 +124,11 @@ class OTOTrainer(Trainer):
     def _oto_setup(self, checkpoint: str | None = None) -> None:
         if self.train_dataset is None:
             raise ValueError("OTOTrainer.train needs a train_dataset")
+        if is_sharded(self.model):
+            raise ValueError("the model is already sharded (its parameters are DTensors): OTOTrainer traces the dense "
+                             "model for its groups, then accelerate shards it. Pass the unsharded model (under FSDP2, "
+                             "do not evaluate or train it with another Trainer first), or gather it back with "
+                             "hf_oto.fsdp.gather_dense_model(model, everywhere=True)")
         batch = self._first_batch()
         model = self.model
         inputs = self._oto_inputs = self._trace_inputs(self._example_inputs() or batch)
@@ -286,10 +299,36 @@ class OTOTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         groups = self.oto_groups
         removed = self.oto_method.zero_groups(model, groups) if groups is not None else None
+        if self._oto_sharded:
+            self._oto_finish_sharded(model, removed)
+            return
         small = self.oto_method.finalize(model, groups)
         if self.oto_method.removed_groups is not None:  # it removed groups that were not zero
             removed = self.oto_method.removed_groups
         self.compressed_model = small
+        self.oto_report = self._oto_build_report(model, small, removed)
+        if self.eval_dataset is not None and self.args.oto_check_compressed:
+            self._check_compressed_metrics()
+        if self.args.oto_post_quantize is not None:
+            self._post_quantize(self._oto_inputs)
+        report = self.oto_report
+        self.log({"compressed_params": report.params_after, "compressed_flops": report.flops_after})
+
+    def _oto_finish_sharded(self, model: nn.Module, removed: torch.Tensor) -> None:
+        """FSDP2: rank 0 gathers the full weights, compresses (outputs checked by ``compress``) and
+        reports; the other ranks get the report only (``compressed_model`` stays None there). The
+        metric check on the eval set is skipped: evaluating would need every rank."""
+        dense = gather_dense_model(model)
+        report = None
+        if dense is not None:
+            self.compressed_model = self.oto_method.finalize(dense, self.oto_groups)
+            report = self._oto_build_report(dense, self.compressed_model, removed)
+        self.oto_report = broadcast_object(report)
+        self.log({"compressed_params": self.oto_report.params_after,
+                  "compressed_flops": self.oto_report.flops_after})
+
+    def _oto_build_report(self, model: nn.Module, small: nn.Module, removed: torch.Tensor | None) -> CompressionReport:
+        groups = self.oto_groups
         inputs = self._oto_inputs
         report = CompressionReport(
             model_class=type(model).__name__.removeprefix("HfOto"), method=self.oto_method.name or "custom",
@@ -308,12 +347,7 @@ class OTOTrainer(Trainer):
             report.num_removed_groups = int((removed & groups.prunable_mask).sum())
         if self.args.oto_measure_latency and self.is_world_process_zero():
             report.latency_before_s, report.latency_after_s = measure_latency(model, small, inputs=inputs)
-        self.oto_report = report
-        if self.eval_dataset is not None and self.args.oto_check_compressed:
-            self._check_compressed_metrics()
-        if self.args.oto_post_quantize is not None:
-            self._post_quantize(inputs)
-        self.log({"compressed_params": report.params_after, "compressed_flops": report.flops_after})
+        return report
 
     def _post_quantize(self, inputs: Any) -> None:
         """One-shot pruning-quantization (OPQ) of the compressed model, as a last step."""
@@ -358,7 +392,7 @@ class OTOTrainer(Trainer):
         The folder is written next to its destination and moved into place at the end, so a
         failure never leaves a half-written or overwritten result. Returns the folder.
         """
-        if self.compressed_model is None or self.oto_report is None:
+        if self.oto_report is None or (self.compressed_model is None and not self._oto_sharded):
             raise ValueError("there is no compressed model yet: call train() first")
         target = os.path.abspath(output_dir or os.path.join(self.args.output_dir, self.args.oto_compressed_dir))
         if self.is_world_process_zero():
@@ -383,7 +417,7 @@ class OTOTrainer(Trainer):
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs: Any):
         """Push the compressed model and its card (before compression: Trainer's own push)."""
-        if self.compressed_model is None:
+        if self.compressed_model is None and self.oto_report is None:  # (FSDP2: only rank 0 holds it)
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
                                        revision=revision, **kwargs)
         folder = self._oto_saved_dir or self.save_compressed()
@@ -478,6 +512,24 @@ class OTOTrainer(Trainer):
         if self._oto_push_pending:
             self._oto_push_pending = False
             super()._push_from_checkpoint(final)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        # FSDP: accelerate saves the sharded torch state only; the schedule's state goes beside it.
+        if self._oto_sharded and self.args.should_save:
+            torch.save(self.oto_method.optimizer.oto_state_dict(), os.path.join(output_dir, OTO_OPTIMIZER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self._oto_sharded and self.optimizer is not None:
+            optimizer = self.oto_method.optimizer
+            path = os.path.join(checkpoint, OTO_OPTIMIZER_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {OTO_OPTIMIZER_FILE}: it was not written by OTOTrainer under FSDP2")
+            optimizer.expect_oto_state(torch.load(path, weights_only=True))
+            # A distributed checkpoint loads into existing state; torch's fallback would take a
+            # zero-lr step, which advances (and may project in) the pruning schedule.
+            optimizer.init_state()
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._oto_staging_dir or super()._get_output_dir(trial)

@@ -368,9 +368,10 @@ def test_post_quantization_after_structured_pruning(tmp_path):
         _oto_args(tmp_path, oto_post_quantize={"bits": 3})
 
 
-@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
-def test_sharded_training_is_refused(tmp_path, monkeypatch, flag):
-    """ZeRO and FSDP shard parameters, so group norms are not local: refuse at construction."""
+@pytest.mark.parametrize("flag,reason", [("is_deepspeed_enabled", "DeepSpeed ZeRO"), ("is_fsdp_enabled", "FSDP1")])
+def test_sharded_training_is_refused(tmp_path, monkeypatch, flag, reason):
+    """ZeRO and FSDP1 shard flat buffers, so group positions are not addressable: refuse at
+    construction (FSDP2 is supported: tests/test_fsdp.py)."""
     from transformers import Trainer
 
     original = Trainer.create_accelerator_and_postprocess
@@ -380,7 +381,7 @@ def test_sharded_training_is_refused(tmp_path, monkeypatch, flag):
         setattr(self, flag, True)  # what a DeepSpeed or FSDP launch would set
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP"):
+    with pytest.raises(ValueError, match=reason):
         OTOTrainer(model=classifier(), args=_args(tmp_path), train_dataset=classification_data())
 
 

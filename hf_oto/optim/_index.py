@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.distributed
 
 from ..groups import ZeroInvariantGroups, grid_view, reduce_except
+from ._sharding import layouts, localize
 
 
 @dataclass
@@ -33,6 +35,8 @@ class _Slice:
     sorted_index: torch.Tensor
     segment_groups: torch.Tensor
     segment_lengths: torch.Tensor
+    # False for a replicated tensor on all ranks but the first: updated here, summed there only.
+    counted: bool = True
 
 
 @dataclass
@@ -53,23 +57,36 @@ class PrunableIndex:
     ``device``; entries of non-prunable groups are never touched.
     """
 
-    def __init__(self, groups: ZeroInvariantGroups, params: Sequence[torch.Tensor], device: torch.device) -> None:
+    def __init__(self, groups: ZeroInvariantGroups, params: Sequence[torch.Tensor], device: torch.device,
+                 include: torch.Tensor | None = None) -> None:
         self.num_groups = len(groups)
         self.device = device
         prunable = groups.prunable_mask
+        # Sharded parameters (FSDP2): positions are mapped to this rank's rows, and ``combine``
+        # all-reduces the per-group sums over ``self.process_group`` (None: one process).
+        self.layouts, self.process_group = layouts(params)
         self.slices: list[_Slice] = []
         for i, s in groups._param_slices:
-            keep = prunable[s.group]
+            keep = (prunable if include is None else include)[s.group]
             if not keep.any():
                 continue
             dev = params[i].device
             shape = groups.tensor_shapes[s.tensor]
             index, group = s.flat_index(shape)[keep], s.group[keep]
+            dim = s.dim if s.outer_dim is None else s.dims
+            size = s.grid_size(shape)
+            if self.process_group is not None:
+                if self.layouts[i].rows == 0:
+                    continue  # a dimension smaller than the mesh: this rank holds none of the tensor
+                on_rank, index, size = localize(index, dim, shape, self.layouts[i])
+                group = group[on_rank]
+                if index.numel() == 0:
+                    continue
             order = torch.sort(group, stable=True).indices
             seg_groups, seg_lengths = torch.unique_consecutive(group[order], return_counts=True)
-            dim = s.dim if s.outer_dim is None else s.dims
-            self.slices.append(_Slice(i, dim, index.to(dev), group.to(dev), s.grid_size(shape),
-                                      index[order].to(dev), seg_groups.to(device), seg_lengths.to(dev)))
+            self.slices.append(_Slice(i, dim, index.to(dev), group.to(dev), size,
+                                      index[order].to(dev), seg_groups.to(device), seg_lengths.to(dev),
+                                      self.layouts[i].counted))
         # A slice whose positions cover its whole dimension empties that dimension when all its
         # groups are removed; selections must avoid that (see ``emptied``). Non-prunable groups
         # can never be removed, so only fully prunable, fully covering slices matter.
@@ -106,10 +123,14 @@ class PrunableIndex:
         out = torch.zeros(weights.shape[0], self.num_groups, dtype=torch.float32, device=self.device)
         for s in self.slices:
             r = rows.get((s.param, s.dim))
-            if r is None:
+            if r is None or not s.counted:
                 continue
             seg = torch.segment_reduce(r.t()[s.sorted_index], "sum", lengths=s.segment_lengths, axis=0)
             out[:, s.segment_groups] += weights[:, s.param, :r.shape[0]] @ seg.to(self.device).t()
+        if self.process_group is not None:
+            # Each rank summed its own rows: one all-reduce of all K statistics makes the group
+            # vectors whole, and identical on every rank (so are the decisions made from them).
+            torch.distributed.all_reduce(out, group=self.process_group)
         return out
 
     # -- selections ------------------------------------------------------------------------------

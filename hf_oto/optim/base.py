@@ -14,8 +14,12 @@ Reference: the Only-Train-Once authors' public code, read, never copied: tianyic
 matches it and where we differ; ``tests/test_optim_parity.py`` runs HESSO and DHSPG next to them.
 
 Determinism: nothing is random and every reduction is a fixed-order segment sum, so data-parallel
-replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Sharded
-optimizers (DeepSpeed ZeRO, FSDP) are **not** supported: a group's norm would span ranks.
+replicas (DDP: replicated parameters, all-reduced gradients) take identical steps. Parameters
+sharded by rows (FSDP2 ``fully_shard``: DTensors placed ``Shard(0)``) are supported: each rank
+computes its rows' share of every group statistic, one all-reduce per step adds them up
+(:mod:`hf_oto.optim._sharding`), and every rank updates its own rows; the optimizer state is
+sharded like the parameters. Flat-buffer sharding (DeepSpeed ZeRO, FSDP1) is **not** supported:
+a shard there cuts through rows, so no rank could address a group's positions.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 from ..graph.analysis import _unwrap as unwrap_model  # the same unwrapping find_groups does
 from ..groups import ZeroInvariantGroups
 from ._index import Positions, PrunableIndex
+from ._sharding import local
 from .base_step import BaseStep, StepPlan  # noqa: F401 - StepPlan: the methods' interface
 
 VARIANTS = ("sgd", "adam", "adamw")
@@ -126,9 +131,12 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         self.variant = variant
         self.groups = groups
         self._gparams: list[torch.Tensor] = gparams
-        self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
+        self._positions_cache: dict[str, tuple[torch.Tensor, Positions]] = {}
         self.device = self._gparams[0].device if self._gparams else trainable[0].device
-        self._index = PrunableIndex(groups, self._gparams, self.device)
+        # Where each grouped parameter sits in param_groups, to notice when a wrapper swaps it.
+        where = {id(p): (gi, j) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
+        self._glocs = [where.get(id(p)) for p in self._gparams]
+        self._bind()
         self._prunable = groups.prunable_mask.to(self.device)
         self.num_prunable = groups.num_prunable
         n = len(groups)
@@ -182,10 +190,45 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- reporting -----------------------------------------------------------------------------
+    def _bind(self) -> None:
+        """Index the grouped parameters (again, after they were swapped for their shards)."""
+        self._gpos = {id(p): i for i, p in enumerate(self._gparams)}
+        self._index = PrunableIndex(self.groups, self._gparams, self.device)
+        #: FSDP2: the grouped parameters are DTensors; steps work on their local rows.
+        self._sharded = self._index.process_group is not None
+        self._zero_index: PrunableIndex | None = None  # over every group, for zero_groups() when sharded
+        self._positions_cache.clear()
+
+    def _follow_swaps(self) -> None:
+        """accelerate's FSDP2 ``prepare`` shards a model after its optimizer was built and puts the
+        sharded parameters (DTensors) into ``param_groups`` in place of the originals: bind to them."""
+        swapped = False
+        for i, (loc, p) in enumerate(zip(self._glocs, self._gparams)):
+            if loc is not None:
+                live = self.param_groups[loc[0]]["params"][loc[1]]
+                if live is not p:
+                    self._gparams[i] = live
+                    swapped = True
+        if swapped:
+            self._bind()
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The grouped parameters as the tensors a step updates: this rank's rows when sharded."""
+        return [local(p) for p in self._gparams] if self._sharded else self._gparams
+
+    def _local_grads(self) -> list[torch.Tensor | None]:
+        return [local(p.grad) for p in self._gparams] if self._sharded else [p.grad for p in self._gparams]
+
     def zero_groups(self) -> torch.Tensor:
         """Bool over all groups: every parameter entry of the group is exactly zero."""
+        self._follow_swaps()
         with torch.no_grad():
-            return self.groups.zero_mask(self._gparams).cpu()
+            if not self._sharded:
+                return self.groups.zero_mask(self._gparams).cpu()
+            if self._zero_index is None:
+                everything = torch.ones(len(self.groups), dtype=torch.bool)
+                self._zero_index = PrunableIndex(self.groups, self._gparams, self.device, include=everything)
+            return (self._zero_index.sq_norms(self._local_params()) == 0).cpu()
 
     def redundant_groups(self) -> torch.Tensor:
         """Bool over all groups: the groups chosen for removal so far (frozen or in progress)."""
@@ -193,8 +236,9 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
 
     def prunable_zero_groups(self) -> torch.Tensor:
         """Bool over all groups: prunable and exactly zero (sums over prunable slices only)."""
+        self._follow_swaps()
         with torch.no_grad():
-            return ((self._index.sq_norms(self._gparams) == 0) & self._prunable).cpu()
+            return ((self._index.sq_norms(self._local_params()) == 0) & self._prunable).cpu()
 
     def group_sparsity(self) -> float:
         """Fraction of the prunable groups whose parameters are all exactly zero."""
@@ -228,14 +272,55 @@ class GroupSparseOptimizer(BaseStep, torch.optim.Optimizer):
         groups, method state (lambdas, counters) and the schedule. Plain tensors and numbers only,
         so ``torch.load(weights_only=True)`` (what ``transformers.Trainer`` uses) reads it."""
         sd = super().state_dict()
-        oto = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self._oto.items()}
-        sd["oto"] = {"method": self.method, "variant": self.variant, "num_groups": len(self.groups),
-                     "config": self._config(), "state": oto}
+        sd["oto"] = self.oto_state_dict()
         return sd
+
+    def oto_state_dict(self) -> dict[str, Any]:
+        """The ``"oto"`` entry of :meth:`state_dict` alone (the same on every rank, CPU tensors)."""
+        oto = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self._oto.items()}
+        return {"method": self.method, "variant": self.variant, "num_groups": len(self.groups),
+                "config": self._config(), "state": oto}
+
+    def expect_oto_state(self, oto: dict[str, Any]) -> None:
+        """The next :meth:`load_state_dict` without an ``"oto"`` entry takes this one.
+
+        Distributed checkpoints (``torch.distributed.checkpoint.state_dict``, which accelerate uses
+        for FSDP) keep only torch's ``state`` and ``param_groups``: the caller saves
+        :meth:`oto_state_dict` beside them and hands it back here before loading.
+        """
+        self._expected_oto = oto
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's optimizer state (zeros, step 0) without taking a step.
+
+        A distributed checkpoint loads *into* an existing state dict, so a resumed run calls this
+        before ``torch.distributed.checkpoint.load``. Zero moments start exactly as the lazy ones
+        would (torch's generic initialiser takes a zero-lr step instead, which would advance this
+        optimizer's pruning schedule). Under FSDP2 the state is created sharded like the parameters.
+
+        Example:
+            >>> opt.init_state()                                            # doctest: +SKIP
+            >>> state = {"model": model.state_dict(), "optim": opt.state_dict()}  # doctest: +SKIP
+            >>> torch.distributed.checkpoint.load(state, checkpoint_id="ckpt")     # doctest: +SKIP
+            >>> opt.load_state_dict(state["optim"])                        # doctest: +SKIP
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if self.variant == "sgd":
+                    if group["momentum"] != 0 and "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
+        if oto is None:
+            oto, self._expected_oto = getattr(self, "_expected_oto", None), None
         if oto is None:
             raise ValueError("this optimizer state has no 'oto' entry: it was not saved by an hf_oto optimizer")
         if oto["method"] != self.method or oto["variant"] != self.variant:

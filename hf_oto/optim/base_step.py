@@ -34,6 +34,7 @@ import torch
 
 from ._index import (Positions, PrunableIndex, fill_positions_, scale_positions_, scaled_step_,
                      update_with_rows_)
+from ._sharding import like_param, local
 
 #: Frozen entries keep a huge Adam second moment rather than zero. Their update stays exactly
 #: zero (first moment and gradient are zero: 0 / huge = 0), and it keeps CPU kernels on their fast
@@ -78,6 +79,7 @@ class _Work:
     exp_avgs: list[torch.Tensor] | None = None     # Adam: numerator ...
     denom: list[torch.Tensor] | None = None        # ... and denominator of the update
     step_size: list[float] | None = None
+    pos: list[int | None] | None = None   # index of each parameter in the grouped list, or None
 
 
 class BaseStep:
@@ -111,12 +113,14 @@ class BaseStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_swaps()
+        self._lp = self._local_params()  # this rank's rows of the grouped parameters (all, unsharded)
         committed = self._oto["committed"]
         if committed.any():
             # Frozen groups: masking the gradient keeps momentum and first moment at zero, so every
             # variant leaves these entries exactly zero (decoupled or L2 decay of zero is zero).
             frozen = self._positions("committed", committed)
-            PrunableIndex.fill_([p.grad for p in self._gparams], frozen)
+            PrunableIndex.fill_(self._local_grads(), frozen)
             if self.variant != "sgd" and self._oto["step"] % _REFRESH_STEPS == 0:
                 self._fill_frozen_exp_avg_sq(frozen)
         self._before_step()
@@ -155,6 +159,9 @@ class BaseStep:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             lr, wd = group["lr"], group["weight_decay"]
             pos = [self._gpos.get(id(p)) for p in params]
+            owners = params  # optimizer state is keyed by (and, when sharded, placed like) these
+            if self._sharded:  # the arithmetic runs on this rank's rows
+                params, grads = [local(p) for p in params], [local(g) for g in grads]
             for i in pos:
                 if i is not None:
                     lrs[i] = lr
@@ -166,13 +173,13 @@ class BaseStep:
                 mu = group["momentum"]
                 if mu != 0:
                     bufs, old = [], []
-                    for j, (p, g) in enumerate(zip(params, grads)):
+                    for j, (p, g) in enumerate(zip(owners, grads)):
                         st = self.state[p]
                         if "momentum_buffer" not in st:
-                            st["momentum_buffer"] = torch.clone(g).detach()
+                            st["momentum_buffer"] = like_param(torch.clone(g).detach(), p)
                         else:
                             old.append(j)
-                        bufs.append(st["momentum_buffer"])
+                        bufs.append(local(st["momentum_buffer"]))
                     if old:
                         ob = [bufs[j] for j in old]
                         torch._foreach_mul_(ob, mu)
@@ -187,18 +194,18 @@ class BaseStep:
                         direction = bufs
                 else:
                     direction = grads
-                works.append(_Work(params, lr, 0.0, direction=list(direction)))
+                works.append(_Work(params, lr, 0.0, direction=list(direction), pos=pos))
                 continue
             b1, b2 = group["betas"]
             exp_avgs, exp_avg_sqs, steps = [], [], []
-            for p in params:
+            for p in owners:
                 st = self.state[p]
                 if "step" not in st:
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
+                exp_avgs.append(local(st["exp_avg"]))
+                exp_avg_sqs.append(local(st["exp_avg_sq"]))
                 steps.append(st["step"])
             torch._foreach_add_(steps, 1.0)
             decay = 0.0
@@ -216,7 +223,7 @@ class BaseStep:
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, group["eps"])
             works.append(_Work(params, lr, decay, exp_avgs=exp_avgs, denom=denom,
-                               step_size=[-(lr / b) for b in bc1]))
+                               step_size=[-(lr / b) for b in bc1], pos=pos))
             for j, i in enumerate(pos):
                 if i is not None:
                     dscales[i] = 1.0 / bc1[j]
@@ -246,7 +253,7 @@ class BaseStep:
         for w in works:
             plain = []
             for j, p in enumerate(w.params):
-                i = self._gpos.get(id(p))
+                i = w.pos[j]
                 if i is None or i not in fused:
                     plain.append(j)
                     continue
@@ -262,7 +269,7 @@ class BaseStep:
             return None
         for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
             if (i, dims[0]) not in rows:
-                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, dims, False).items():
+                for dim, r in update_with_rows_(self._lp[i], None, None, 1.0, 0.0, dims, False).items():
                     r[3] = r[0]
                     rows[(i, dim)] = r
         lr, ds = self._lr, self._dscale
@@ -299,7 +306,7 @@ class BaseStep:
         rows: dict[tuple[int, int], torch.Tensor] = {}
         for w in works:
             for j, p in enumerate(w.params):
-                i = self._gpos.get(id(p))
+                i = w.pos[j]
                 if i is None or i not in dims:
                     continue
                 num, den = (w.direction[j], None) if w.direction is not None else (w.exp_avgs[j], w.denom[j])
@@ -308,7 +315,7 @@ class BaseStep:
                     rows[(i, dim)] = r
         for i, d in dims.items():  # grouped parameters without a gradient: they will not move
             if (i, d[0]) not in rows:
-                for dim, r in update_with_rows_(self._gparams[i], None, None, 1.0, 0.0, d, False).items():
+                for dim, r in update_with_rows_(self._lp[i], None, None, 1.0, 0.0, d, False).items():
                     rows[(i, dim)] = r
         lr, ds = self._lr, self._dscale
         w = torch.zeros(5, len(self._gparams), 4, dtype=torch.float64)
@@ -333,7 +340,7 @@ class BaseStep:
             for i, dim, idx, grp, size in where.slices:
                 if lrs[i] == 0:
                     continue
-                p = self._gparams[i]
+                p = self._lp[i]
                 v = torch.zeros(size, dtype=p.dtype, device=p.device)
                 v.index_add_(0, idx, (lrs[i] * coef.to(p.device)[grp]).to(p.dtype))
                 scales.setdefault(i, []).append((dim, v))
@@ -341,7 +348,7 @@ class BaseStep:
         for w in works:
             plain = []
             for j, p in enumerate(w.params):
-                i = self._gpos.get(id(p))
+                i = w.pos[j]
                 if i is None or i not in dims:
                     plain.append(j)
                     continue
@@ -352,7 +359,7 @@ class BaseStep:
     def _correct(self, plan: StepPlan) -> None:
         """After the base step: the schedule's shrink, then the projections."""
         if plan.shrink is not None and plan.shrunk:
-            PrunableIndex.scale_(self._gparams, plan.shrunk, plan.shrink)
+            PrunableIndex.scale_(self._lp, plan.shrunk, plan.shrink)
         if plan.project is not None and plan.project.any():
             self._project(plan.project)
 
@@ -360,7 +367,7 @@ class BaseStep:
         """Set the groups in ``mask`` to exactly zero, with their optimizer state, and freeze them."""
         mask = mask & self._prunable  # only prunable groups may ever be projected
         where = self._index.positions(mask)
-        PrunableIndex.fill_(self._gparams, where)
+        PrunableIndex.fill_(self._lp, where)
         for key in ("momentum_buffer", "exp_avg"):
             PrunableIndex.fill_(self._state_list(key), where)
         self._fill_frozen_exp_avg_sq(where)
@@ -368,12 +375,12 @@ class BaseStep:
         self._oto["active"] = self._oto["active"] & ~mask
 
     def _state_list(self, key: str) -> list[torch.Tensor | None]:
-        return [self.state[p].get(key) if p in self.state else None for p in self._gparams]
+        return [local(self.state[p].get(key)) if p in self.state else None for p in self._gparams]
 
     def _fill_frozen_exp_avg_sq(self, where: Positions) -> None:
         for i, dim, idx, _, _ in where.slices:
             p = self._gparams[i]
-            v = self.state[p].get("exp_avg_sq") if p in self.state else None
+            v = local(self.state[p].get("exp_avg_sq")) if p in self.state else None
             if v is not None:
                 fill_positions_(v, dim, idx, _frozen_exp_avg_sq(v.dtype))
 
@@ -385,7 +392,8 @@ def _foreach_step(w: _Work, keep: list[int]) -> None:
                   direction=None if w.direction is None else [w.direction[j] for j in keep],
                   exp_avgs=None if w.exp_avgs is None else [w.exp_avgs[j] for j in keep],
                   denom=None if w.denom is None else [w.denom[j] for j in keep],
-                  step_size=None if w.step_size is None else [w.step_size[j] for j in keep])
+                  step_size=None if w.step_size is None else [w.step_size[j] for j in keep],
+                  pos=None if w.pos is None else [w.pos[j] for j in keep])
     if not w.params:
         return
     if w.decay != 0:

@@ -178,7 +178,7 @@ class WindowedPruning(GroupSparseOptimizer):
         upcoming = self._next_selection()
         if upcoming is None or upcoming - self.step_count >= self._saliency_steps():
             return
-        dots = group_dots(self._index, self._gparams, [p.grad for p in self._gparams])
+        dots = group_dots(self._index, self._local_params(), self._local_grads())
         self._oto["saliency_sum"] += dots
         self._oto["saliency_sq"] += dots.square()
         self._oto["saliency_batches"] += 1
@@ -209,7 +209,7 @@ class WindowedPruning(GroupSparseOptimizer):
         if candidates.any() and self._selector.removed(committed) < budget:
             if self._plain_target:
                 budget += extra
-            norms = self._index.sq_norms(self._gparams).clamp_min(0).sqrt()
+            norms = self._index.sq_norms(self._local_params()).clamp_min(0).sqrt()
             importance = self._importance(candidates, mix, norms)
             blocked = torch.zeros_like(candidates)
             while True:
