@@ -103,3 +103,39 @@ def test_uniform_layers_is_plumbed_and_checked():
         create_oto_optimizer(model, groups, method="hspg", lr=1e-3, uniform_layers=True)
     opt = create_oto_optimizer(model, groups, lr=1e-3, pruning_steps=10, uniform_layers=True)
     assert opt.selection.uniform_layers
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_the_trainer_saves_a_uniform_model_with_a_standard_config_or_says_why_not(tmp_path, prune_heads):
+    import json
+    import os
+
+    from trainer_utils import qa_data, qa_model
+
+    from hf_oto import OTOTrainer
+
+    data = qa_data()
+    args = OTOTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=10, oto_pruning_start=2,
+                                oto_pruning_end=8, oto_pruning_periods=3, learning_rate=1e-3,
+                                per_device_train_batch_size=8, per_device_eval_batch_size=16, report_to=[],
+                                save_strategy="no", use_cpu=True, seed=0, oto_measure_latency=False,
+                                oto_uniform_layers=True, oto_prune_heads=prune_heads, oto_prune_neurons=not prune_heads,
+                                target_group_sparsity=0.5)
+    trainer = OTOTrainer(model=qa_model(), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()  # raises if the compressed model's metrics differ from the sparse model's
+    kept, _ = _kept_per_family(trainer.oto_groups, trainer.oto_method.zero_groups(trainer.model, trainer.oto_groups))
+    assert all(len(set(counts)) == 1 for counts in kept.values()), kept
+    assert trainer.oto_report.num_removed_groups > 0
+    folder = trainer.save_compressed()
+    config = json.load(open(os.path.join(folder, "config.json")))
+    card = open(os.path.join(folder, "README.md")).read()
+    report = json.load(open(os.path.join(folder, "oto_report.json")))
+    assert report["standard_config"] is not prune_heads
+    if prune_heads:  # BERT derives the head size from hidden_size / num_attention_heads
+        assert "hf_oto_manifest" in config and "derives the head size" in report["standard_config_reason"]
+        assert "Why not a standard config" in card and "trust_remote_code=True" in card
+    else:
+        assert "hf_oto_manifest" not in config and "auto_map" not in config
+        assert config["intermediate_size"] < qa_model().config.intermediate_size
+        assert not [f for f in os.listdir(folder) if f.endswith(".py")]
+        assert "trust_remote_code" not in card and "standard `BertForQuestionAnswering` config" in card
