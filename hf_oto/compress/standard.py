@@ -19,7 +19,6 @@ the reason is returned so that saving falls back to the manifest and says why.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 import re
@@ -36,8 +35,6 @@ logger = logging.getLogger(__name__)
 _HEAD_FIELDS = ("heads", "n_head")
 #: Name fragments of config fields that give a feed-forward width.
 _FFN_FIELDS = ("intermediate", "inner", "ffn", "d_ff", "hidden_dim")
-#: Candidate configs tried at most (each builds the model once on the meta device).
-_MAX_CANDIDATES = 256
 #: Manifest sections that no standard config can describe, and why.
 _NONSTANDARD_SECTIONS = {
     "modules": "layers were replaced by hf_oto layer types ({})",
@@ -72,16 +69,10 @@ def standard_config(model: nn.Module) -> tuple[Any | None, str]:
     if uneven:
         return None, uneven
     plain = _plain_copy(config)
-    attributes = manifest.get("attributes", {})
-    best: tuple[int, str] | None = None
-    for candidate in _candidates(plain, base, target):
-        mismatch = _mismatch(base, candidate, target, attributes)
-        if mismatch is None:
-            return candidate, ""
-        if best is None or mismatch[0] < best[0]:
-            best = mismatch
-    why = best[1] if best else "no candidate config"
-    return None, f"no {base.__name__} config reproduces the compressed sizes: {why}{_hint(plain)}"
+    config, mismatch = _search(plain, base, target, manifest.get("attributes", {}))
+    if mismatch is None:
+        return config, ""
+    return None, f"no {base.__name__} config reproduces the compressed sizes: {mismatch[1]}{_hint(plain)}"
 
 
 def save_standard(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> str:
@@ -147,47 +138,68 @@ def _int_fields(config: Any, fragments: tuple[str, ...]) -> dict[str, int | None
     return found
 
 
-def _candidates(config: Any, base: type, target: dict[str, tuple[int, ...]]):
-    """Candidate configs, most likely first: head-count fields scaled by the kept share of the dims
-    that changed, FFN widths set to one of the new sizes, ``head_dim`` pinned when heads change."""
+def _options(config: Any, base: type, target: dict[str, tuple[int, ...]]) -> dict[str, list[Any]] | None:
+    """Values worth trying per size field: head counts scaled by the kept share of a dim that
+    shrank, FFN widths set to one of the new sizes (None when the dense config does not build)."""
     built = _build(base, config)
     if built is None:
-        return
+        return None
     dense = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     changed: set[tuple[int, int]] = set()   # (dense size, new size) of every dim that shrank
     for name, shape in target.items():
         before = dense.get(name)
-        if before is None or len(before) != len(shape):
-            continue
-        changed.update((b, a) for b, a in zip(before, shape) if b != a)
-    if not changed:
-        yield config
-        return
+        if before is not None and len(before) == len(shape):
+            changed.update((b, a) for b, a in zip(before, shape) if b != a)
     options: dict[str, list[Any]] = {}
     for key, value in _int_fields(config, _HEAD_FIELDS).items():
-        if value is None:
-            continue
-        scaled = sorted({value * a // b for b, a in changed if (value * a) % b == 0 and value * a // b > 0},
-                        key=lambda v: -v)
-        options[key] = [value] + [v for v in scaled if v != value]
-    for key, value in _int_fields(config, _FFN_FIELDS).items():
-        sizes = sorted({a for _, a in changed}, key=lambda v: -v)
-        options[key] = [value] + [v for v in sizes if v != value]
-    head_dim = getattr(config, "head_dim", None)
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
-    pins = [None]
-    if head_dim is None and isinstance(heads, int) and isinstance(hidden, int) and heads and hidden % heads == 0:
-        pins.append(hidden // heads)  # keep the head size when the head count no longer divides hidden_size
-    keys = list(options)
-    combos = itertools.product(*(options[k] for k in keys), pins)
-    for values in itertools.islice(combos, _MAX_CANDIDATES):
-        candidate = copy.deepcopy(config)
-        for key, value in zip(keys, values[:-1]):
-            setattr(candidate, key, value)
-        if values[-1] is not None:
-            candidate.head_dim = values[-1]
-        yield candidate
+        if value is not None:
+            options[key] = sorted({value * a // b for b, a in changed if (value * a) % b == 0 and value * a >= b},
+                                  reverse=True)
+    for key in _int_fields(config, _FFN_FIELDS):
+        options[key] = sorted({a for _, a in changed}, reverse=True)
+    return {k: v for k, v in options.items() if v}
+
+
+def _search(config: Any, base: type, target: dict[str, tuple[int, ...]],
+            attributes: dict[str, dict[str, Any]]) -> tuple[Any, tuple[int, str] | None]:
+    """Coordinate search over the size fields, each step taking the value that leaves the fewest
+    tensors with a wrong shape; ``(config, None)`` on an exact match, else the closest mismatch.
+
+    Fields act on mostly separate tensors (heads on the attention projections, FFN widths on the
+    MLP), so a few passes suffice; each trial builds the model once on the meta device."""
+    options = _options(config, base, target)
+    if options is None:
+        return config, (10**9, "the config does not build")
+    current = copy.deepcopy(config)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    pinned = False
+    if getattr(config, "head_dim", None) is None and isinstance(heads, int) and isinstance(hidden, int) \
+            and heads and hidden % heads == 0:
+        # The dense head size, stated: a no-op for the dense model, needed once the head count no
+        # longer divides hidden_size (read by classes with a head_dim field, ignored by others).
+        current.head_dim, pinned = hidden // heads, True
+    best = _mismatch(base, current, target, attributes)
+    for _ in range(3):
+        improved = False
+        for key, values in options.items():
+            for value in values:
+                if best is None:
+                    break
+                if getattr(current, key) == value:
+                    continue
+                trial = copy.deepcopy(current)
+                setattr(trial, key, value)
+                found = _mismatch(base, trial, target, attributes)
+                if found is None or found[0] < best[0]:
+                    current, best, improved = trial, found, True
+        if best is None or not improved:
+            break
+    if best is None and pinned:  # drop the pin where the class does not need it (a cleaner config)
+        trial = copy.deepcopy(current)
+        del trial.head_dim
+        if not hasattr(trial, "head_dim") and _mismatch(base, trial, target, attributes) is None:
+            current = trial
+    return current, best
 
 
 def _build(base: type, config: Any) -> nn.Module | None:
