@@ -25,7 +25,8 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
 So a group target is met exactly (``floor(target * prunable)`` groups, or with alignment, at most
 one bundle more), and a FLOPs or parameter target is met from below: the compressed model keeps at
 most the target, less by at most the cost of one bundle (one FFN neuron or conv channel, or N of
-them; a head when only heads are left to remove).
+them; a head when only heads are left to remove; with ``uniform_layers``, that much in every layer
+of a family).
 """
 
 from __future__ import annotations
