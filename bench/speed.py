@@ -4,8 +4,9 @@ One LLaMA-shaped decoder (GQA) is compressed by hf_oto in five ways that keep ab
 FLOPs: every layer the same sizes (uniform), aligned to multiples of 64 neurons / 8-divisible
 head counts or not, and layers of different sizes (non-uniform) with the same totals. Each model
 is timed at batch 1 (latency) and batch 32 (throughput), rounds interleaved so that a busy machine
-slows every row alike, and the fastest run of each counts; the table reports speed-ups against dense and the ratio of the measured
-speed-up to the FLOPs reduction (1.0: the time fell as much as the FLOPs).
+slows every row alike, and the fastest run of each counts; the table reports speed-ups against
+dense and the ratio of the measured speed-up to the FLOPs reduction (1.0: the time fell as much as
+the FLOPs).
 
     python bench/speed.py                   # CPU, float32
     python bench/speed.py --rounds 5 --gpu  # also bf16 on a GPU when one is present
