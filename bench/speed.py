@@ -98,8 +98,13 @@ def measure(models: dict[str, torch.nn.Module], batches: dict[int, dict], rounds
     for model in models.values():  # warm-up
         for batch in batches.values():
             time_once(model, batch, sync)
+    order = list(models)
+    shuffle = torch.Generator().manual_seed(0)
     for _ in range(rounds):
-        for name, model in models.items():
+        # A new order every round: a quiet or busy stretch of the machine favours no fixed row.
+        order = [order[i] for i in torch.randperm(len(order), generator=shuffle).tolist()]
+        for name in order:
+            model = models[name]
             for size, batch in batches.items():
                 for _ in range(repeats[size]):
                     times.setdefault((name, size), []).append(time_once(model, batch, sync))
@@ -140,6 +145,7 @@ def goals(median: dict[tuple[str, int], float], flops: dict[str, int], big: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="batch-32 forwards per model and round on CPU")
     parser.add_argument("--gpu", action="store_true", help="also time bf16 on the GPU when one is present")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -155,7 +161,7 @@ def main() -> None:
           f"heads, FFN {FFN}, sequence {SEQ}")
     print(f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
           f"torch threads {torch.get_num_threads()}, torch {torch.__version__}\n")
-    median = measure(models, batches, args.rounds, {1: 10, 32: 1})
+    median = measure(models, batches, args.rounds, {1: 10, 32: args.repeats})
     print("\n".join(table("## CPU, float32", models, flops, median, [1, 32])))
     print("\n".join(goals(median, flops, 32)))
     if args.gpu and torch.cuda.is_available():
