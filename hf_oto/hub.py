@@ -51,6 +51,8 @@ class CompressionReport:
     # and the optimizer steps where the method pruned (None: the method has no pruning window).
     training_log: list[dict[str, float]] = field(default_factory=list)
     pruning_window: list[int] | None = None
+    standard_config: bool = False        # saved as its own class with a standard config (no remote code)
+    standard_config_reason: str = ""     # else why the manifest is needed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,10 +190,24 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
             cells = [f"{report.metrics[s][name]:.4g}" if isinstance(report.metrics[s].get(name), (int, float))
                      else "-" for s in stages]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _loading_lines(report, auto, repo_or_path)
+    lines += _export_lines(report, auto, repo_or_path)
+    if report.command:
+        lines += ["", "## Reproduce", "", "```bash", report.command, "```"]
+    if report.settings:
+        lines += ["", "## Settings", "", "```json", json.dumps(report.settings, indent=2, default=str), "```"]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _loading_lines(report: CompressionReport, auto: str, repo_or_path: str) -> list[str]:
+    lines = ["", "## How to load", "", "```python", f"from transformers import {auto}", ""]
+    if report.standard_config:
+        return lines + [
+            f'model = {auto}.from_pretrained("{repo_or_path}")', "```", "",
+            f"Every layer kept the same sizes, so `config.json` is a standard `{report.model_class}` config with the "
+            "new sizes: the model loads in plain Transformers with no remote code and no hf_oto, and tools that read "
+            "only standard configs (vLLM, TGI, llama.cpp conversion, Optimum/ONNX) accept it."]
     lines += [
-        "", "## How to load", "", "```python",
-        f"from transformers import {auto}",
-        "",
         f'model = {auto}.from_pretrained("{repo_or_path}", trust_remote_code=True)',
         "",
         "# or, without running remote code (pip install hf_oto):",
@@ -203,11 +219,25 @@ def build_model_card(report: CompressionReport, repo_or_path: str = "<path-or-re
         "The per-layer sizes are stored in `config.json` (`hf_oto_manifest`); `modeling_hf_oto.py` rebuilds the "
         "smaller layers before the weights load.",
     ]
-    if report.command:
-        lines += ["", "## Reproduce", "", "```bash", report.command, "```"]
-    if report.settings:
-        lines += ["", "## Settings", "", "```json", json.dumps(report.settings, indent=2, default=str), "```"]
-    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+    if report.standard_config_reason:
+        lines += ["", f"Why not a standard config: {report.standard_config_reason}."]
+    return lines
+
+
+def _export_lines(report: CompressionReport, auto: str, repo_or_path: str) -> list[str]:
+    load = (f'{auto}.from_pretrained("{repo_or_path}")' if report.standard_config
+            else f'hf_oto.from_pretrained("{repo_or_path}")')
+    return [
+        "", "## How to export", "",
+        "`torch.export` and the ONNX dynamo exporter (`pip install hf_oto[export]` for onnxscript) trace the "
+        "compressed model like any Transformers model:", "", "```python", "import torch",
+        f"from transformers import {auto}" if report.standard_config else "import hf_oto",
+        f"model = {load}.eval()",
+        "inputs = {...}  # a batch of the model's inputs, e.g. from its tokenizer or image processor",
+        "program = torch.export.export(model, (), kwargs=inputs, strict=False)",
+        'torch.onnx.export(model, (), kwargs=inputs, f="model.onnx", dynamo=True)',
+        "```",
+    ]
 
 
 def push_folder(

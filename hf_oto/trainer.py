@@ -399,7 +399,8 @@ class OTOTrainer(Trainer):
             clean_leftovers(os.path.dirname(target), os.path.basename(target))
             staging = staging_path(target)
             try:
-                save_compressed_model(self.compressed_model, staging)
+                why = save_compressed_model(self.compressed_model, staging)
+                self.oto_report.standard_config, self.oto_report.standard_config_reason = not why, why
                 if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                     self.processing_class.save_pretrained(staging)
                 self.oto_report.save(os.path.join(staging, "oto_report.json"))

@@ -28,6 +28,8 @@ class OTOTrainingArguments(TrainingArguments):
         >>> args = OTOTrainingArguments(output_dir="out", target_kept_flops=0.5, oto_group_divisible=8)
         >>> args.selection().unit, args.target_group_sparsity
         ('flops', None)
+        >>> OTOTrainingArguments(output_dir="out", oto_uniform_layers=True).selection().uniform_layers
+        True
     """
 
     oto_method: str = field(
@@ -53,6 +55,11 @@ class OTOTrainingArguments(TrainingArguments):
         default=1,
         metadata={"help": "hesso/dhspg: every layer keeps a multiple of this many heads, neurons or channels "
                           "(8 or 64 suit GPU matmul tiles)."})
+    oto_uniform_layers: bool = field(
+        default=False,
+        metadata={"help": "hesso/dhspg: every layer of a family (model.layers.*.mlp, ...) keeps the same number of "
+                          "heads, KV heads, neurons and channels, so the compressed model is saved with a standard "
+                          "config of its class and loads without remote code."})
     oto_variant: str = field(
         default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
     oto_pruning_start: float = field(
@@ -117,9 +124,11 @@ class OTOTrainingArguments(TrainingArguments):
             raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
         selection = SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
                                     target_kept_params=self.target_kept_params,
-                                    group_divisible=self.oto_group_divisible)  # ValueError on bad values
-        if selection.unit != "groups" or selection.group_divisible > 1:
-            option = f"target_kept_{selection.unit}" if selection.unit != "groups" else "oto_group_divisible"
+                                    group_divisible=self.oto_group_divisible,
+                                    uniform_layers=self.oto_uniform_layers)  # ValueError on bad values
+        if selection.unit != "groups" or selection.bundled:
+            option = (f"target_kept_{selection.unit}" if selection.unit != "groups" else
+                      "oto_group_divisible" if selection.group_divisible > 1 else "oto_uniform_layers")
             if self.oto_method not in _SELECTING_METHODS:
                 raise ValueError(f"{option} applies to oto_method hesso or dhspg, not {self.oto_method!r}")
         if selection.unit != "groups":
@@ -153,7 +162,8 @@ class OTOTrainingArguments(TrainingArguments):
     def selection(self) -> SelectionConfig:
         """The :class:`~hf_oto.optim.selection.SelectionConfig` of hesso/dhspg these arguments describe."""
         return SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
-                               target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible)
+                               target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible,
+                               uniform_layers=self.oto_uniform_layers)
 
     def oto_summary(self) -> dict[str, Any]:
         """The OTO settings, for checkpoints and the model card."""

@@ -16,6 +16,7 @@ checkpoint's weights load with matching shapes (never ``ignore_mismatched_sizes`
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -221,6 +222,32 @@ def auto_classes_for(base_name: str) -> list[str]:
     return found
 
 
+_LAYERS_FILE = "hf_oto_layers"
+
+
+def keep_needed_layer_files(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """Leave in ``folder`` only the remote-code layer files the manifest's layer types need.
+
+    Transformers copies ``hf_oto_layers.py`` and every file it imports; this rewrites it to import
+    only the files defining the types in ``manifest["modules"]`` and deletes the others, so a
+    pruned model carries no quantization or low-rank code. Returns the layer files kept.
+    """
+    if not os.path.isfile(os.path.join(folder, _LAYERS_FILE + ".py")):
+        return []
+    used = {spec.get("type") for spec in manifest.get("modules", {}).values()}
+    needed = sorted({LAYER_TYPES[t].__module__.rpartition(".")[2] for t in used if t in LAYER_TYPES})
+    lines = ['"""Layer types of this model, by name (written by hf_oto: only the files its layers need)."""', "",
+             "from __future__ import annotations", ""]
+    lines += [f"from .{name} import LAYER_TYPES as _{name.upper()}" for name in needed]
+    lines += ["", "LAYER_TYPES: dict[str, type] = {" + ", ".join(f"**_{n.upper()}" for n in needed) + "}", ""]
+    with open(os.path.join(folder, _LAYERS_FILE + ".py"), "w") as f:
+        f.write("\n".join(lines))
+    for entry in os.listdir(folder):
+        if entry.startswith(_LAYERS_FILE + "_") and entry.endswith(".py") and entry[:-3] not in needed:
+            os.remove(os.path.join(folder, entry))
+    return needed
+
+
 def _make_class(base_name: str) -> type:
     base = getattr(transformers, base_name, None)
     if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
@@ -237,12 +264,21 @@ def _make_class(base_name: str) -> type:
         own_aligned_storage(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, hf_oto_standard: bool = True, **kwargs):
+        if hf_oto_standard:
+            try:  # with hf_oto installed, a layer-uniform model is saved as its base class
+                from hf_oto.compress.standard import save_standard
+            except ImportError:  # this file running as remote code without hf_oto: keep the manifest
+                save_standard = None
+            if save_standard is not None and not save_standard(self, save_directory, *args, **kwargs):
+                return None
         autos = auto_classes_for(base_name) or ["AutoModel"]
         type(self)._auto_class = autos[0]
         reference = f"{__name__.rpartition('.')[2]}.{type(self).__name__}"
         self.config.auto_map = {auto: reference for auto in autos}
-        return base.save_pretrained(self, save_directory, *args, **kwargs)
+        result = base.save_pretrained(self, save_directory, *args, **kwargs)
+        keep_needed_layer_files(save_directory, getattr(self.config, MANIFEST_KEY, None) or {})
+        return result
 
     namespace = {
         "__init__": __init__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -12,27 +13,46 @@ from safetensors.torch import load_model, save_model
 from .manifest import get_manifest
 from .modeling_hf_oto import MANIFEST_KEY, apply_structure_manifest, compressed_class
 
+logger = logging.getLogger(__name__)
+
 PLAIN_MANIFEST_FILE = "hf_oto_structure.json"
 PLAIN_WEIGHTS_FILE = "model.safetensors"
 
 
-def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-    """Save a compressed model. Transformers models use their own ``save_pretrained`` (config with
-    the manifest, safetensors weights, modeling file); plain modules get safetensors weights and
-    ``hf_oto_structure.json``.
+def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, standard: bool = True,
+                    **kwargs: Any) -> str:
+    """Save a compressed model; returns why it needs hf_oto's manifest ("" when it does not).
+
+    A Transformers model whose layers are uniform and whose class's config can state its sizes is
+    saved as that class with a standard config (no manifest, no remote code: plain
+    ``AutoModelFor*.from_pretrained`` loads it anywhere); pass ``standard=False`` to keep the
+    manifest anyway. Other Transformers models are saved with the manifest and the remote-code
+    files their layers need; plain modules get safetensors weights and ``hf_oto_structure.json``.
 
     Example:
+        >>> why = hf_oto.save_pretrained(small, "out/small")                   # doctest: +SKIP
         >>> hf_oto.save_pretrained(small_cnn, "out/cnn")                       # doctest: +SKIP
         >>> again = hf_oto.from_pretrained("out/cnn", model=MyCNN())           # doctest: +SKIP
     """
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        model.save_pretrained(save_directory, **kwargs)
-        return
+        from .standard import save_standard
+
+        why = save_standard(model, save_directory, **kwargs) if standard else "standard=False was asked for"
+        if why:
+            if getattr(model.config, MANIFEST_KEY, None):
+                level = logging.INFO if why.startswith("layers differ") else logging.WARNING
+                logger.log(level, "saving %s with the hf_oto manifest (it needs hf_oto or trust_remote_code to "
+                           "load): %s", type(model).__name__, why)
+                model.save_pretrained(save_directory, hf_oto_standard=False, **kwargs)
+            else:
+                model.save_pretrained(save_directory, **kwargs)
+        return why
     os.makedirs(save_directory, exist_ok=True)
     manifest = {**get_manifest(model), "base_class": f"{type(model).__module__}.{type(model).__qualname__}"}
     with open(os.path.join(save_directory, PLAIN_MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=2)
     save_model(model, os.path.join(save_directory, PLAIN_WEIGHTS_FILE))
+    return "it is a plain PyTorch module"
 
 
 def from_pretrained(path: str | os.PathLike, model: torch.nn.Module | None = None, **kwargs: Any) -> torch.nn.Module:
@@ -61,5 +81,12 @@ def from_pretrained(path: str | os.PathLike, model: torch.nn.Module | None = Non
     config = AutoConfig.from_pretrained(path)
     manifest = getattr(config, MANIFEST_KEY, None)
     if not manifest:
-        raise ValueError(f"{path} has no '{MANIFEST_KEY}' in its config.json: it was not saved by hf_oto")
+        # A standard config (a layer-uniform model saved as its own class): its class loads it.
+        import transformers
+
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        if cls is None:
+            raise ValueError(f"{path} has no '{MANIFEST_KEY}' and no known architecture in its config.json")
+        return cls.from_pretrained(path, **kwargs)
     return compressed_class(manifest["base_class"]).from_pretrained(path, **kwargs)

@@ -63,7 +63,8 @@ def create_oto_optimizer(
             options of hesso and dhspg (see :class:`~hf_oto.optim.selection.SelectionConfig`):
             ``saliency`` (``"fisher"``, ``"taylor"``, ``"mixed"``, ``"magnitude"``), ``saliency_steps``,
             ``target_kept_flops`` or ``target_kept_params`` (instead of ``target_group_sparsity``),
-            ``group_divisible``; and ``example_inputs`` for counting FLOPs (default: those
+            ``group_divisible``, ``uniform_layers`` (every layer of a family keeps the same count, so
+            the compressed model has a standard config); and ``example_inputs`` for counting FLOPs (default: those
             ``find_groups`` traced).
 
     The schedule follows the optimizer's own step counter, so a learning-rate scheduler can change

@@ -12,7 +12,10 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
    bundles that each bring the layer's kept count to the next multiple of N below, and a layer
    never goes under N. A layer whose full count is not a multiple of N keeps it, or goes to a
    multiple of N; one with fewer than N groups is left whole. Without alignment every group is its
-   own bundle.
+   own bundle. With ``uniform_layers`` a bundle spans a whole *family* (the layers of one kind
+   whose module names differ only in the layer index, ``model.layers.*.mlp.gate_proj``): the
+   i-th least salient group (or N groups) of every layer of the family, so that every layer of the
+   family keeps the same count, which a standard config can describe.
 3. **Greedy by saliency per unit of cost.** Bundles are ranked by summed saliency over summed cost
    (a layer's later bundles never before its earlier ones), ties by magnitude. Walking that order,
    a bundle is taken when its cost fits in what is still to remove; when none fits, the cheapest
@@ -22,11 +25,13 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
 So a group target is met exactly (``floor(target * prunable)`` groups, or with alignment, at most
 one bundle more), and a FLOPs or parameter target is met from below: the compressed model keeps at
 most the target, less by at most the cost of one bundle (one FFN neuron or conv channel, or N of
-them; a head when only heads are left to remove).
+them; a head when only heads are left to remove; with ``uniform_layers``, that much in every layer
+of a family).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +64,16 @@ class SelectionConfig(JsonConfigMixin):
             inputs), in (0, 1]; replaces ``target_group_sparsity``.
         target_kept_params: keep at most this fraction of the parameters, in (0, 1].
         group_divisible: every layer keeps a multiple of this many heads, neurons or channels.
+        uniform_layers: every layer of a family (same module name but for the layer index, same
+            kind and size) keeps the same number of groups, so that the compressed model fits its
+            class's standard config (a GQA head group removes a KV head with its query heads, so
+            the query heads per KV head stay equal too).
 
     Example:
         >>> SelectionConfig(target_kept_flops=0.5, group_divisible=8).unit
         'flops'
+        >>> SelectionConfig(uniform_layers=True).bundled
+        True
         >>> SelectionConfig(target_kept_flops=0.5, target_kept_params=0.5)
         Traceback (most recent call last):
         ValueError: set one target: target_kept_flops=0.5 and target_kept_params=0.5 conflict
@@ -73,6 +84,7 @@ class SelectionConfig(JsonConfigMixin):
     target_kept_flops: float | None = None
     target_kept_params: float | None = None
     group_divisible: int = 1
+    uniform_layers: bool = False
 
     config_label = "selection options"
 
@@ -93,6 +105,13 @@ class SelectionConfig(JsonConfigMixin):
         if isinstance(self.group_divisible, bool) or not isinstance(self.group_divisible, int) \
                 or self.group_divisible < 1:
             raise ValueError(f"group_divisible must be an integer >= 1, got {self.group_divisible!r}")
+        if not isinstance(self.uniform_layers, bool):
+            raise ValueError(f"uniform_layers must be True or False, got {self.uniform_layers!r}")
+
+    @property
+    def bundled(self) -> bool:
+        """Whether groups are removed in bundles (aligned counts or uniform layers), not one by one."""
+        return self.group_divisible > 1 or self.uniform_layers
 
     @property
     def unit(self) -> str:
@@ -126,6 +145,10 @@ class GroupSelector:
         self.prunable = groups.prunable_mask
         self.num_groups = len(groups)
         self.block, self.block_total = _blocks(groups)
+        # The unit bundles are cut across: one layer, or with uniform_layers one family of layers.
+        self.unit_of = _families(groups, self.block_total) if config.uniform_layers \
+            else torch.arange(self.block_total.numel())
+        self.unit_layers = torch.bincount(self.unit_of)
 
     @property
     def unit(self) -> str:
@@ -192,7 +215,7 @@ class GroupSelector:
             fit = (alive & (bundle_cost <= deficit + slack)).nonzero().flatten()
             if fit.numel() == 0:
                 break
-            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.config.group_divisible > 1 \
+            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.config.bundled \
                 else order[fit]
             bounds = (ends[fit] - starts[fit]).cumsum(0)
             removed = self._removed_prefixes(groups_in, committed | chosen)[bounds]
@@ -216,7 +239,7 @@ class GroupSelector:
         """Candidates in removal order, cut into bundles: ``(order, bundle ends, bundle costs)``."""
         cand = candidates.nonzero().flatten()
         ratio = importance / cost.clamp_min(1e-12 * max(float(cost.max()), 1e-30))
-        if self.config.group_divisible == 1:
+        if not self.config.bundled:
             order = cand[_lexsort(ratio[cand], tie[cand])]
             return order, torch.arange(1, order.numel() + 1), cost[order]
         n = self.config.group_divisible
@@ -235,10 +258,12 @@ class GroupSelector:
         index = torch.where(rank < first, torch.zeros_like(rank), 1 + torch.div(rank - first, n, rounding_mode="floor"))
         size = torch.where(index == 0, first, torch.full_like(first, n))
         allowed = rank < kept - n                                             # the layer keeps at least n
-        # A bundle needs all its groups among the candidates (unprunable members stay).
-        bundle_key = blk * (inside.numel() + 1) + index
+        # A bundle needs all its groups among the candidates (unprunable members stay), and with
+        # uniform layers the same rank in every layer of the family.
+        unit = self.unit_of[blk]
+        bundle_key = unit * (inside.numel() + 1) + index
         keys, inverse, counts = torch.unique(bundle_key, return_inverse=True, return_counts=True)
-        complete = counts[inverse] == size
+        complete = counts[inverse] == size * self.unit_layers[unit]
         ok = allowed & complete
         inside, bundle_key, index = inside[ok], bundle_key[ok], index[ok]
         if inside.numel() == 0:
@@ -249,8 +274,8 @@ class GroupSelector:
         cst = torch.zeros(num, dtype=torch.float64).index_add_(0, inverse, cost[inside])
         tie_b = torch.zeros(num, dtype=torch.float64).index_add_(0, inverse, tie[inside])
         ratio_b = imp / cst.clamp_min(1e-12 * max(float(cst.max()), 1e-30))
-        # A layer's later bundle never goes before its earlier ones: running maximum per layer
-        # (keys are sorted by layer, then bundle index).
+        # A layer's (family's) later bundle never goes before its earlier ones: running maximum
+        # per layer (keys are sorted by layer, then bundle index).
         layer_of = torch.div(keys, inside.numel() + 1, rounding_mode="floor")
         for layer in layer_of.unique().tolist():
             at = (layer_of == layer).nonzero().flatten()
@@ -286,6 +311,19 @@ def _blocks(groups: ZeroInvariantGroups) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(groups.prunable_mask, layer_t, torch.full_like(layer_t, -1)), total
 
 
+def _families(groups: ZeroInvariantGroups, block_total: torch.Tensor) -> torch.Tensor:
+    """Per layer (block of :func:`_blocks`), its family: the layers of the same kind and size whose
+    producing module names differ only in numeric path parts (``model.layers.3.mlp.up_proj``)."""
+    keys: dict[tuple[str, str], int] = {}
+    for g, module in zip(groups, groups.producing_layers()):
+        keys.setdefault((module, g.kind), len(keys))
+    families: dict[tuple[str, str, int], int] = {}
+    family = [families.setdefault((re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module), kind, int(block_total[i])),
+                                  len(families))
+              for (module, kind), i in keys.items()]
+    return torch.tensor(family, dtype=torch.long)
+
+
 def check_reachable(selector: GroupSelector, committed: torch.Tensor, target_removed: float, what: str) -> None:
     """ValueError when even removing every allowed group cannot reach ``target_removed``."""
     most = selector.reachable(selector.prunable & ~committed, committed)
@@ -293,5 +331,6 @@ def check_reachable(selector: GroupSelector, committed: torch.Tensor, target_rem
         total = selector.total()
         raise ValueError(f"{what} cannot be met: removing every prunable group the layers can give up keeps "
                          f"{(total - most) / total:.4f} of the {selector.unit} (the rest is in layers without "
-                         f"prunable structure, or kept by group_divisible={selector.config.group_divisible})")
+                         f"prunable structure, or kept by group_divisible={selector.config.group_divisible}"
+                         f"{', uniform_layers' if selector.config.uniform_layers else ''})")
 

@@ -72,7 +72,7 @@ class WindowedPruning(GroupSparseOptimizer):
         if unit != "groups":
             check_reachable(self._selector, committed, self._target_removed(),
                             f"target_kept_{unit}={self.selection.target_kept}")
-        elif self.selection.group_divisible > 1:
+        elif self.selection.bundled:
             check_reachable(self._selector, committed, self._target_removed(),
                             f"target_group_sparsity={self.target_group_sparsity}")
         n = len(self.groups)
@@ -88,7 +88,7 @@ class WindowedPruning(GroupSparseOptimizer):
     @property
     def _plain_target(self) -> bool:
         """A group-count target without alignment: exactly ``floor(target * prunable)`` groups."""
-        return self.selection.unit == "groups" and self.selection.group_divisible == 1
+        return self.selection.unit == "groups" and not self.selection.bundled
 
     @property
     def target_num_zero_groups(self) -> int:
