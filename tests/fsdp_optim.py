@@ -124,3 +124,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is on disk. Leave without the C++ teardown: on a loaded machine a gloo thread
+    # sometimes outlives it and the process aborts after its work ("terminate called without an
+    # active exception", 5 of about 20 two-rank runs here, at exit only), which says nothing
+    # about what the test checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
