@@ -43,8 +43,13 @@ def check_sharding(accelerator: Any, deepspeed: bool, fsdp: bool, method: Any) -
         return False
     version = fsdp_version(accelerator) or 1
     if version != 2:
+        import accelerate
+
+        # accelerate learnt FSDP2 (fsdp_version) in 1.6: before it, every FSDP run is FSDP1.
+        upgrade = ("" if hasattr(accelerate.utils.FullyShardedDataParallelPlugin, "fsdp_version") else
+                   f" FSDP2 needs accelerate >= 1.6 (installed: {accelerate.__version__}).")
         raise ValueError(f"OTOTrainer does not support FSDP1: its FlatParameters {FLAT_SHARDING}. Use FSDP2 "
-                         "(fsdp_config={'fsdp_version': 2}), which shards every parameter by rows.")
+                         "(fsdp_config={'fsdp_version': 2}), which shards every parameter by rows." + upgrade)
     from .methods.group_sparsity import GroupSparsityMethod
 
     if not isinstance(method, GroupSparsityMethod):

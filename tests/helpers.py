@@ -7,10 +7,18 @@ import os
 import subprocess
 import sys
 
+import accelerate
+import pytest
 import torch
 
 from hf_oto import ZeroInvariantGroups
 from hf_oto.compress.core import _run, max_relative_difference
+
+# FSDP2 through accelerate (fsdp_version) arrived in accelerate 1.6; the optimizers' own FSDP2
+# path needs only torch.
+needs_accelerate_fsdp2 = pytest.mark.skipif(
+    not hasattr(accelerate.utils.FullyShardedDataParallelPlugin, "fsdp_version"),
+    reason=f"FSDP2 through accelerate needs accelerate >= 1.6 (installed: {accelerate.__version__})")
 
 
 def zero_random_groups(model, groups: ZeroInvariantGroups, fraction: float, seed: int = 0) -> torch.Tensor:

@@ -12,6 +12,8 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "..", "examples", "llm"))
 
 import run_clm  # noqa: E402
+from helpers import needs_accelerate_fsdp2  # noqa: E402
+
 
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2",
         "--intermediate_size", "64", "--vocab_size", "300", "--block_size", "32", "--pretrain_steps", "10",
@@ -45,6 +47,7 @@ def test_clm_example_names_a_missing_file(tmp_path):
                       "--validation_file", str(tmp_path / "nope.txt")])
 
 
+@needs_accelerate_fsdp2
 def test_clm_example_under_accelerate_fsdp2(tmp_path):
     """The README's multi-GPU command, on CPU with 2 processes: accelerate shards the decoder
     (FSDP2), rank 0 writes the compressed model, both ranks report the same numbers."""

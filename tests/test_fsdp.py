@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from helpers import needs_accelerate_fsdp2
 from test_distributed import _launcher, _run
+
 
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "fsdp_optim.py")
@@ -72,6 +74,7 @@ def _accelerate_fsdp2() -> list[str]:
             *launch[3:]]
 
 
+@needs_accelerate_fsdp2
 @pytest.mark.parametrize("launcher,method", [("torchrun", "hesso"), ("accelerate", "dhspg")])
 def test_trainer_fsdp2_matches_one_process_and_rank0_saves(tmp_path, launcher, method):
     script = os.path.join(HERE, "fsdp_trainer.py")
@@ -115,6 +118,7 @@ def test_trainer_refuses_flat_sharding():
         check_sharding(fsdp2, False, True, get_method("magnitude")())
 
 
+@needs_accelerate_fsdp2
 def test_trainer_fsdp2_checkpoint_resumes_bit_for_bit(tmp_path):
     # A sharded (DCP) Trainer checkpoint after 4 of 8 steps, in the pruning window (steps 2..5):
     # the resumed run ends with the very same weights and zero groups.
