@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import needs_accelerate_fsdp2
+from helpers import needs_accelerate_fsdp2, needs_accelerate_fsdp2_resume
 from test_distributed import _launcher, _run
 
 
@@ -118,7 +118,7 @@ def test_trainer_refuses_flat_sharding():
         check_sharding(fsdp2, False, True, get_method("magnitude")())
 
 
-@needs_accelerate_fsdp2
+@needs_accelerate_fsdp2_resume
 def test_trainer_fsdp2_checkpoint_resumes_bit_for_bit(tmp_path):
     # A sharded (DCP) Trainer checkpoint after 4 of 8 steps, in the pruning window (steps 2..5):
     # the resumed run ends with the very same weights and zero groups.
