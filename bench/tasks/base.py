@@ -63,6 +63,7 @@ class TorchPruningSpec:
     ignored_layers: list[nn.Module] = field(default_factory=list)
     num_heads: dict[nn.Module, int] = field(default_factory=dict)
     after_pruning: Callable[[nn.Module, Any], None] | None = None  # fix attributes (head counts)
+    heads_left: Callable[[Any], int] | None = None  # heads the pruner's global head ranking sees now
 
 
 @dataclass

@@ -63,7 +63,8 @@ def bert_torch_pruning(model: nn.Module, inputs: dict[str, torch.Tensor],
     the task head ignored (the "bottleneck" setting of its ViT example: heads and FFN neurons go,
     the hidden width stays, as in hf_oto's default)."""
     num_heads = {}
-    for m in _attention_modules(model):
+    attention = _attention_modules(model)
+    for m in attention:
         for name in ("query", "key", "value"):
             num_heads[getattr(m, name)] = m.num_attention_heads
 
@@ -74,7 +75,8 @@ def bert_torch_pruning(model: nn.Module, inputs: dict[str, torch.Tensor],
             m.attention_head_size = m.all_head_size // max(1, m.num_attention_heads)
 
     return TorchPruningSpec(output_transform=output_transform, ignored_layers=prunable_outputs(model, inputs)[0],
-                            num_heads=num_heads, after_pruning=fix_heads)
+                            num_heads=num_heads, after_pruning=fix_heads,
+                            heads_left=lambda pruner: sum(pruner.num_heads[m.query] for m in attention))
 
 
 def vision_torch_pruning(model: nn.Module, inputs: dict[str, torch.Tensor]) -> TorchPruningSpec:
