@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..groups import AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
-from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE
+from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
 from .config import GroupConfig
@@ -143,17 +143,6 @@ def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(labels >= 0, table[np.maximum(labels, 0)], -1)
 
 
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix = []
-    for tokens in zip(*parts):
-        if all(t == tokens[0] for t in tokens):
-            prefix.append(tokens[0])
-        else:
-            break
-    return ".".join(prefix)
-
-
 def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "") -> ZeroInvariantGroups:
     atoms = trace.atoms
     for lab in trace.output_labels:
@@ -231,7 +220,7 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             kind = "channel"
         else:
             kind = "neuron"
-        layer = _common_prefix(members[g])
+        layer = common_module_prefix(members[g])
         reason = blocked.get(comp, "")
         if not reason and kind != "hidden" and comp in inexact_comps:
             reason = (f"removal changes statistics the module cannot keep by running padded: "

@@ -148,3 +148,16 @@ def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             if np.array_equal(grand, parent):
                 break
             parent = grand
+
+
+def common_module_prefix(names: list[str]) -> str:
+    """The longest dotted module path that every name starts with (``""`` if none): the layer a
+    group spanning several modules belongs to."""
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for tokens in zip(*parts):
+        if all(t == tokens[0] for t in tokens):
+            prefix.append(tokens[0])
+        else:
+            break
+    return ".".join(prefix)

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..groups import (AttributeBinding, ExpertRouting, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups,
                       segment_layout)
-from .atoms import STRUCTURE, UNPRUNABLE
+from .atoms import STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import contract, unsupported
 from .shape_rules import index as plain_index
 from .trace import OpContext
@@ -386,7 +386,7 @@ class _GroupEdit:
             new_id[g.index] = len(groups)
             n = int(copies[g.index])
             reason = g.reason or self.blocked.get(g.index, "")
-            layer = g.layer if g.index not in router_module else _common_prefix([g.layer, router_module[g.index]])
+            layer = g.layer if g.index not in router_module else common_module_prefix([g.layer, router_module[g.index]])
             for _ in range(n):
                 groups.append(replace(g, index=len(groups), prunable=not reason, reason=reason, layer=layer,
                                       num_params=(g.num_params + int(extra[g.index])) // n,
@@ -479,13 +479,3 @@ def _split_expert_neurons(edit: _GroupEdit, expert_dims: dict[str, int], local: 
             edit.outer[(s.tensor, s.dim)] = expert_dims[s.tensor]
             edit.split[g] = groups.tensor_shapes[s.tensor][expert_dims[s.tensor]]
 
-
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix = []
-    for tokens in zip(*parts):
-        if all(t == tokens[0] for t in tokens):
-            prefix.append(tokens[0])
-        else:
-            break
-    return ".".join(prefix)
