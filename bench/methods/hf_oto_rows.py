@@ -49,12 +49,16 @@ class HfOto(Method):
         self.saliency = saliency
         self.options = options
         label = {"hesso": "HESSO", "dhspg": "DHSPG", "hspg": "HSPG"}[method]
-        self.name = f"hf_oto {label}" + (f" [{saliency}]" if saliency else "")
+        tags = [saliency] if saliency else []
+        if options.get("uniform_layers"):
+            tags.append("uniform")
+        self.name = f"hf_oto {label}" + (f" [{', '.join(tags)}]" if tags else "")
 
     def available(self) -> str | None:
         if self.saliency is not None and self.saliency != OLD_SALIENCY and not accepts(self.method, "saliency"):
             return "needs saliency= in the optimizer factory (select branch, issue 19), not merged here"
-        return None
+        missing = [o for o in self.options if not accepts(self.method, o)]
+        return f"the optimizer factory does not take {', '.join(missing)}" if missing else None
 
     def start(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.groups = find_groups(model, ctx.example_inputs)
@@ -89,10 +93,12 @@ class HfOto(Method):
 
 
 def hf_oto_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY)) -> list[Method]:
-    """HESSO and DHSPG with each criterion, HSPG (which has no selection step: its penalty and
-    half-space test decide) once."""
+    """HESSO and DHSPG with each criterion, HESSO with the default criterion and layer-uniform
+    selection (issue 15: what uniformity costs at equal FLOPs), HSPG (which has no selection step:
+    its penalty and half-space test decide) once."""
     rows: list[Method] = []
     for method in ("hesso", "dhspg"):
         rows += [HfOto(method, saliency=c) for c in criteria]
+    rows.append(HfOto("hesso", saliency=NEW_SALIENCY, uniform_layers=True))
     rows.append(HfOto("hspg"))
     return rows
