@@ -87,7 +87,7 @@ class SquadTrainingArguments(OTOTrainingArguments):
         "oto_method"].metadata["help"]})
     target_group_sparsity: float = field(default=0.5, metadata={"help": "Fraction of prunable groups to remove."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
+    num_train_epochs: float = field(default=1.5, metadata={"help": "Training epochs."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device (training)."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Batch size per device (evaluation)."})
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up steps (a fraction if < 1)."})
