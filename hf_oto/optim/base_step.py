@@ -267,11 +267,7 @@ class BaseStep:
             _foreach_step(w, plain)
         if not want:
             return None
-        for i, dims in fused.items():  # grouped parameters that did not move (no gradient)
-            if (i, dims[0]) not in rows:
-                for dim, r in update_with_rows_(self._lp[i], None, None, 1.0, 0.0, dims, False).items():
-                    r[3] = r[0]
-                    rows[(i, dim)] = r
+        self._rows_of_unmoved(rows, fused, after=True)
         lr, ds = self._lr, self._dscale
         keep = 1 - lr * self._decay
         w = torch.zeros(7, len(self._gparams), 4, dtype=torch.float64)
@@ -282,6 +278,16 @@ class BaseStep:
         w[6, :, 3] = lr                                      # lr_zz
         out = self._index.combine(rows, w)
         return dict(zip(("xx", "xd", "dd", "T1", "T2", "zz", "lr_zz"), out))
+
+    def _rows_of_unmoved(self, rows: dict[tuple[int, int], torch.Tensor], dims: dict[int, tuple], after: bool) -> None:
+        """Add the per-position sums of grouped parameters that had no gradient (they do not move;
+        with ``after``, their post-step sums equal the pre-step ones)."""
+        for i, d in dims.items():
+            if (i, d[0]) not in rows:
+                for dim, r in update_with_rows_(self._lp[i], None, None, 1.0, 0.0, d, False).items():
+                    if after:
+                        r[3] = r[0]
+                    rows[(i, dim)] = r
 
     def _pre_weights(self) -> torch.Tensor:
         """Weights of ``xx``, ``xd``, ``dd`` for :meth:`PrunableIndex.combine`."""
@@ -313,10 +319,7 @@ class BaseStep:
                 for dim, r in update_with_rows_(p, num, den, 1.0, 0.0, dims[i], False, keep_quotient=True,
                                                 dd=self._stats_dd).items():
                     rows[(i, dim)] = r
-        for i, d in dims.items():  # grouped parameters without a gradient: they will not move
-            if (i, d[0]) not in rows:
-                for dim, r in update_with_rows_(self._lp[i], None, None, 1.0, 0.0, d, False).items():
-                    rows[(i, dim)] = r
+        self._rows_of_unmoved(rows, dims, after=False)
         lr, ds = self._lr, self._dscale
         w = torch.zeros(5, len(self._gparams), 4, dtype=torch.float64)
         w[:3] = self._pre_weights()
