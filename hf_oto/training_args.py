@@ -49,8 +49,8 @@ class OTOTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "hesso/dhspg: keep at most this fraction of the parameters, in (0, 1]."})
     oto_saliency: str = field(
         default=DEFAULT_SALIENCY,
-        metadata={"help": "hesso/dhspg: how each pruning period ranks the groups: fisher, taylor (loss-based, "
-                          "from the raw gradients), mixed (the method's published mix) or magnitude."})
+        metadata={"help": "hesso/dhspg: how each pruning period ranks the groups: taylor_abs, taylor, fisher "
+                          "(loss-based, from the raw gradients), mixed (the method's published mix) or magnitude."})
     oto_group_divisible: int = field(
         default=1,
         metadata={"help": "hesso/dhspg: every layer keeps a multiple of this many heads, neurons or channels "

@@ -19,24 +19,49 @@ from test_optim import _train
 # -- the scores, vectorised against a naive loop ---------------------------------------------------
 
 
-def _naive_dots(groups, params, grads):
+def _naive_dots(groups, params, grads, absolute=False):
     out = torch.zeros(len(groups), dtype=torch.float64)
     for g in range(len(groups)):
         if groups[g].prunable:
             for name, x, d in zip(groups.param_names, params, grads):
-                out[g] += (x.double() * d.double())[group_element_mask(groups, name, x, g)].sum()
+                prod = x.double() * d.double()
+                out[g] += (prod.abs() if absolute else prod)[group_element_mask(groups, name, x, g)].sum()
     return out
 
 
+@pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("name", ["densenet-block", "bert-qa"])  # densenet: groups overlap on conv weights
-def test_group_dots_equal_a_naive_loop_over_groups(name):
+def test_group_dots_equal_a_naive_loop_over_groups(name, absolute):
     model, inputs = build(name)
     groups = find_groups(model, inputs)
     params = groups.parameters(model)
     grads = [torch.randn_like(p) for p in params]
     index = PrunableIndex(groups, params, torch.device("cpu"))
-    got = group_dots(index, [p.detach() for p in params], grads)
-    assert torch.allclose(got.double(), _naive_dots(groups, params, grads), rtol=1e-4, atol=1e-4)
+    got = group_dots(index, [p.detach() for p in params], grads, absolute=absolute)
+    want = _naive_dots(groups, params, grads, absolute)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+    if absolute:  # no cancellation inside a group: larger than the signed sum's magnitude
+        signed = _naive_dots(groups, params, grads)
+        assert (want >= signed.abs() - 1e-9).all() and (want[groups.prunable_mask] > 0).all()
+
+
+def test_accumulated_taylor_abs_scores_equal_naive_sums_over_the_batches():
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    params = groups.parameters(model)
+    opt = HESSO(model, groups, variant="adamw", lr=1e-3, start_pruning_step=6, pruning_steps=10, pruning_periods=1,
+                selection={"saliency_steps": 4})
+    assert opt.selection.saliency == "taylor_abs"  # the default
+    naive = torch.zeros(len(groups), dtype=torch.float64)
+    for k in range(6):
+        opt.zero_grad()
+        model(**_bert_batch(k)).loss.backward()
+        if k >= 3:
+            naive += _naive_dots(groups, [p.detach() for p in params], [p.grad for p in params], absolute=True)
+        opt.step()
+    assert torch.allclose(opt._oto["saliency_sum"].double(), naive, rtol=1e-4, atol=1e-5)
+    assert torch.equal(loss_saliency("taylor_abs", opt._oto["saliency_sum"], opt._oto["saliency_sq"]),
+                       opt._oto["saliency_sum"])
 
 
 def test_accumulated_taylor_and_fisher_scores_equal_naive_sums_over_the_batches():
@@ -108,7 +133,7 @@ def _regression_batch(step):
     return x, y
 
 
-@pytest.mark.parametrize("saliency, removed", [("taylor", 0), ("fisher", 0), ("magnitude", 5)])
+@pytest.mark.parametrize("saliency, removed", [("taylor_abs", 0), ("taylor", 0), ("fisher", 0), ("magnitude", 5)])
 def test_loss_based_saliency_removes_the_big_neuron_that_does_nothing(saliency, removed):
     model = _misleading_magnitudes()
     x, _ = _regression_batch(0)
@@ -205,14 +230,15 @@ def _rank_correlation(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def test_with_dropout_fisher_scores_track_the_damage_of_removal_where_the_mean_gradient_is_zero():
+@pytest.mark.parametrize("saliency", ["fisher", "taylor_abs"])
+def test_with_dropout_loss_scores_track_the_damage_of_removal_where_the_mean_gradient_is_zero(saliency):
     student, ids, targets = _self_distillation(dropout=0.1)
-    groups, _, fisher = _accumulate(student, ids, targets, "fisher")
-    assert (fisher[groups.prunable_mask] > 0).all()  # dropout makes every batch's gradient a probe of the outputs
+    groups, _, scores = _accumulate(student, ids, targets, saliency)
+    assert (scores[groups.prunable_mask] > 0).all()  # dropout makes every batch's gradient a probe of the outputs
     damage = _damage(student, groups, ids, targets)
     for kind in ("head", "neuron"):
         sel = torch.tensor([g.kind == kind and g.prunable for g in groups])
-        assert _rank_correlation(fisher[sel], damage[sel]) > 0.6, kind
+        assert _rank_correlation(scores[sel], damage[sel]) > 0.6, (kind, _rank_correlation(scores[sel], damage[sel]))
     heads = torch.tensor([g.kind == "head" for g in groups])  # their magnitudes were scrambled
     norms = groups.norms(groups.parameters(student))
     assert _rank_correlation(norms[heads], damage[heads]) < 0.3
@@ -220,7 +246,7 @@ def test_with_dropout_fisher_scores_track_the_damage_of_removal_where_the_mean_g
 
 def test_exactly_zero_gradients_fall_back_to_magnitude():
     chosen = {}
-    for saliency in ("fisher", "magnitude"):
+    for saliency in ("fisher", "taylor_abs", "magnitude"):
         student, ids, targets = _self_distillation(dropout=0.0)  # student == teacher: every gradient is exactly 0
         groups, opt, scores = _accumulate(student, ids, targets, saliency)
         if scores is not None:
@@ -229,6 +255,7 @@ def test_exactly_zero_gradients_fall_back_to_magnitude():
         chosen[saliency] = opt.redundant_groups()
     assert int(chosen["fisher"].sum()) == int(0.3 * groups.num_prunable)
     assert torch.equal(chosen["fisher"], chosen["magnitude"])
+    assert torch.equal(chosen["taylor_abs"], chosen["magnitude"])
 
 
 # -- FLOPs and parameter targets, met by the compressed model ---------------------------------------

@@ -27,7 +27,7 @@ def test_selection_options_parse_from_the_command_line(tmp_path):
     assert args.selection().unit == "flops"
     assert args.oto_summary()["target_kept_flops"] == 0.5
     plain = OTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
-    assert plain.target_group_sparsity == 0.5 and plain.oto_saliency == "fisher"
+    assert plain.target_group_sparsity == 0.5 and plain.oto_saliency == "taylor_abs"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -2,8 +2,8 @@
 :func:`hf_oto.compress` (exact: the compressed model computes what the trained sparse one does).
 
 Each row names the group-selection criterion it runs with (issue 19: ``mixed``, the published mix
-of magnitude, cosine and update-direction "Taylor" terms, and the loss-based ``fisher``, the
-default). HESSO and DHSPG take the FLOPs target itself (``target_kept_flops``); HSPG has no target,
+of magnitude, cosine and update-direction "Taylor" terms, and the loss-based default,
+``taylor_abs``; ``--criteria`` adds others, such as ``fisher``). HESSO and DHSPG take the FLOPs target itself (``target_kept_flops``); HSPG has no target,
 so its row runs with a group sparsity calibrated to the FLOPs target
 (:meth:`FlopsTarget.uniform_sparsity`) as its upper bound, and the table marks it.
 """
@@ -25,9 +25,9 @@ from .base import Method, RunContext, decay_parameter_groups
 from .targets import FlopsTarget
 
 #: The criteria names of ``oto_saliency`` / ``saliency=`` (issue 19): the published mix, and the
-#: loss-based default.
+#: loss-based default (``taylor_abs``; ``fisher`` was the default before, see docs/selection.md).
 OLD_SALIENCY = "mixed"
-NEW_SALIENCY = "fisher"
+NEW_SALIENCY = "taylor_abs"
 
 
 def accepts(method: str, option: str) -> bool:

@@ -76,7 +76,7 @@ class HESSO(WindowedPruning):
     - steps ``[0, start_pruning_step)``: the plain base optimizer (warm-up);
     - the next ``pruning_steps`` steps: the pruning window, split into ``pruning_periods`` equal
       periods (the last one takes the remainder). At the first step of each period the groups are
-      scored by ``selection.saliency`` (:mod:`hf_oto.optim.selection`; default ``"fisher"`` from the
+      scored by ``selection.saliency`` (:mod:`hf_oto.optim.selection`; default ``"taylor_abs"`` from the
       raw gradients, ``"mixed"`` the published mix of :func:`importance_scores`) and the least
       important of the remaining prunable groups become redundant, so that by the end of period p
       the cumulative count is ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity *

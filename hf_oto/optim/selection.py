@@ -42,7 +42,7 @@ from ..groups import ZeroInvariantGroups
 from .saliency import SALIENCIES
 
 #: The criterion HESSO and DHSPG use unless told otherwise (best measured, see docs/selection.md).
-DEFAULT_SALIENCY = "fisher"
+DEFAULT_SALIENCY = "taylor_abs"
 #: Batches accumulated before each selection when ``saliency_steps`` is not set: the period's
 #: length, at most this many (older gradients belong to weights that have moved on).
 MAX_DEFAULT_SALIENCY_STEPS = 64
@@ -55,8 +55,8 @@ class SelectionConfig(JsonConfigMixin):
     """How HESSO and DHSPG choose the groups each pruning period removes.
 
     Args:
-        saliency: ``"fisher"`` (default), ``"taylor"``, ``"mixed"`` (the method's published mix on
-            the update direction) or ``"magnitude"``; see :mod:`hf_oto.optim.saliency`.
+        saliency: ``"taylor_abs"`` (default), ``"taylor"``, ``"fisher"``, ``"mixed"`` (the method's
+            published mix on the update direction) or ``"magnitude"``; see :mod:`hf_oto.optim.saliency`.
         saliency_steps: batches whose gradients the loss-based scores accumulate before each
             selection (default: the period's length, at most 64; before the first period, the
             end of the warm-up).

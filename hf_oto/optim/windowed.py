@@ -178,7 +178,8 @@ class WindowedPruning(GroupSparseOptimizer):
         upcoming = self._next_selection()
         if upcoming is None or upcoming - self.step_count >= self._saliency_steps():
             return
-        dots = group_dots(self._index, self._local_params(), self._local_grads())
+        dots = group_dots(self._index, self._local_params(), self._local_grads(),
+                          absolute=self.selection.saliency == "taylor_abs")
         self._oto["saliency_sum"] += dots
         self._oto["saliency_sq"] += dots.square()
         self._oto["saliency_batches"] += 1
