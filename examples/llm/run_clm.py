@@ -270,8 +270,26 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def leave_process_group() -> None:
+    """End a multi-process run (torchrun, accelerate launch). With the CPU backend (gloo) a rank
+    sometimes aborts in the interpreter's teardown after all its work is done ("terminate called
+    without an active exception": a gloo thread outlives the C++ teardown), which turns a finished
+    run into a failed launch; such a run leaves without that teardown."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.destroy_process_group()
+    if gloo:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, without a traceback
         sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    leave_process_group()
