@@ -172,7 +172,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
-    parser.add_argument("--rows", nargs="*", default=["hesso:mixed", "hesso:taylor", "hesso:fisher", "hesso:taylor_abs", "oneshot:taylor"])
+    parser.add_argument("--rows", nargs="*",
+                        default=["hesso:mixed", "hesso:taylor", "hesso:fisher", "hesso:taylor_abs", "oneshot:taylor"])
     parser.add_argument("--targets", nargs="*", default=["groups=0.5", "flops=0.5"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

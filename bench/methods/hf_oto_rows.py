@@ -3,8 +3,8 @@
 
 Each row names the group-selection criterion it runs with (issue 19: ``mixed``, the published mix
 of magnitude, cosine and update-direction "Taylor" terms, and the loss-based default,
-``taylor_abs``; ``--criteria`` adds others, such as ``fisher``). HESSO and DHSPG take the FLOPs target itself (``target_kept_flops``); HSPG has no target,
-so its row runs with a group sparsity calibrated to the FLOPs target
+``taylor_abs``; ``--criteria`` adds others, such as ``fisher``). HESSO and DHSPG take the FLOPs
+target itself (``target_kept_flops``); HSPG has no target, so its row runs with a group sparsity calibrated to the FLOPs target
 (:meth:`FlopsTarget.uniform_sparsity`) as its upper bound, and the table marks it.
 """
 

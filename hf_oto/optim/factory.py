@@ -61,8 +61,9 @@ def create_oto_optimizer(
             ``lmbda_amplify``, ``hat_lmbda_coeff``, ``epsilon``, ``tolerance_group_sparsity`` (dhspg);
             ``lmbda``, ``epsilon``, ``upper_group_sparsity``, ``adapt_epsilon_every`` (hspg). Selection
             options of hesso and dhspg (see :class:`~hf_oto.optim.selection.SelectionConfig`):
-            ``saliency`` (``"taylor_abs"``, ``"taylor"``, ``"fisher"``, ``"mixed"``, ``"magnitude"``), ``saliency_steps``,
-            ``target_kept_flops`` or ``target_kept_params`` (instead of ``target_group_sparsity``),
+            ``saliency`` (``"taylor_abs"``, ``"taylor"``, ``"fisher"``, ``"mixed"``, ``"magnitude"``),
+            ``saliency_steps``, ``target_kept_flops`` or ``target_kept_params`` (instead of
+            ``target_group_sparsity``),
             ``group_divisible``, ``uniform_layers`` (every layer of a family keeps the same count, so
             the compressed model has a standard config); and ``example_inputs`` for counting FLOPs (default: those
             ``find_groups`` traced).

@@ -90,8 +90,8 @@ def group_dots(index: PrunableIndex, params: Sequence[torch.Tensor], grads: Sequ
 def _dot_rows(x: torch.Tensor, g: torch.Tensor, dims: Sequence[int], absolute: bool = False
               ) -> dict[int, torch.Tensor]:
     """Per position along each of ``dims``: the sum of ``x * g`` (``|x * g|`` with ``absolute``)
-    over the other dims (``[1, size]``, float32). Chunked along dim 0 on CPU, as the optimizer's statistics pass, so the product stays
-    in cache."""
+    over the other dims (``[1, size]``, float32). Chunked along dim 0 on CPU, as the optimizer's
+    statistics pass, so the product stays in cache."""
     out = {dim: torch.zeros(1, math.prod(x.shape[d] for d in dim) if isinstance(dim, tuple) else x.shape[dim],
                             dtype=torch.float32, device=x.device) for dim in dims}
     n = x.shape[0]
