@@ -1,10 +1,12 @@
 """Every zoo model: zero a random 30-60% of the groups, compress, and get the same outputs."""
 
+import importlib
+
 import pytest
 import torch
 from helpers import num_params, outputs, relative_difference, zero_random_groups
 
-from hf_oto import compress, find_groups
+from hf_oto import CompressionError, compress, find_groups
 from hf_oto.testing.zoo import ZOO, build
 
 
@@ -159,3 +161,61 @@ def test_hidden_dimension_pruning_is_exact_with_padded_norms(name, tmp_path):
     small.save_pretrained(tmp_path)
     again = hf_oto.from_pretrained(tmp_path)
     assert relative_difference(outputs(small, inputs), outputs(again, inputs)) == 0
+
+
+def test_exactness_check_runs_in_full_float32_whatever_the_caller_chose(monkeypatch):
+    # TF32 or bf16 matmuls chosen for training would make the sparse and the sliced model differ
+    # by rounding (1.3e-3 of the scale on an H200 with TF32); the check runs in IEEE float32 and
+    # gives the caller's settings back afterwards.
+    core = importlib.import_module("hf_oto.compress.core")
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul)
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.4, seed=1)
+    seen = []
+    run = core._run
+
+    def recording_run(m, x):
+        seen.append(tuple(b.fp32_precision for b in backends))
+        return run(m, x)
+
+    monkeypatch.setattr(core, "_run", recording_run)
+    chosen = ("tf32", "tf32", "bf16")
+    previous = tuple(b.fp32_precision for b in backends)
+    try:
+        for backend, value in zip(backends, chosen):
+            backend.fp32_precision = value
+        compress(model, groups)
+        assert seen == [("ieee",) * 3] * 2  # the sparse and the compressed model
+        assert tuple(b.fp32_precision for b in backends) == chosen
+    finally:
+        for backend, value in zip(backends, previous):
+            backend.fp32_precision = value
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_compresses_within_its_rounding(dtype):
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.4, seed=2)
+    model = model.to(dtype)
+    reference = outputs(model, inputs)
+
+    small = compress(model, groups)
+
+    assert next(small.parameters()).dtype == dtype
+    assert relative_difference(reference, outputs(small, inputs)) <= 8 * torch.finfo(dtype).eps
+    assert num_params(small) < num_params(model)
+
+
+def test_half_precision_tolerance_still_catches_a_real_difference():
+    core = importlib.import_module("hf_oto.compress.core")
+    reference = [torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)]
+    rounded = [(reference[0].float() * (1 + 2 ** -8)).to(torch.bfloat16)]  # about one bf16 unit
+    core._verify(reference, rounded, 1e-5)
+    wrong = [reference[0].clone()]
+    wrong[0][0, 0] += 0.2 * reference[0].abs().max()  # a missed construct changes outputs this much
+    with pytest.raises(CompressionError, match="differ from the sparse model"):
+        core._verify(reference, wrong, 1e-5)
+    with pytest.raises(CompressionError):  # float32 keeps its own tolerance
+        core._verify([reference[0].float()], [rounded[0].float()], 1e-5)
