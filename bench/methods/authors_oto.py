@@ -21,6 +21,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import types
 
 import torch
 from torch import nn
@@ -32,7 +33,11 @@ from .targets import FlopsTarget
 
 
 def compatibility_shim() -> None:
-    """Make ``import only_train_once`` work on torch >= 2.9 (see the module docstring)."""
+    """Make ``import only_train_once`` work on torch >= 2.9 (see the module docstring) and on
+    Python >= 3.12, which removed the module ``imp`` that one of its files imports and never uses
+    (seen on a GPU machine with Python 3.12: the row was "not run: No module named 'imp'")."""
+    if importlib.util.find_spec("imp") is None:
+        sys.modules.setdefault("imp", types.ModuleType("imp"))
     if "torch.onnx._globals" in sys.modules:
         return
     try:
