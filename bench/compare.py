@@ -48,6 +48,7 @@ from bench.methods import NEW_SALIENCY, OLD_SALIENCY, all_rows  # noqa: E402
 from bench.methods.hf_oto_rows import accepts  # noqa: E402
 from bench.methods.loop import dense_reference, run  # noqa: E402
 from bench.tasks import TASKS, make_task  # noqa: E402
+from bench.tasks.base import to_device  # noqa: E402
 
 DEFAULT_TASKS = ("qa-hard", "embed-distill", "digits-resnet", "digits-convnext")
 DEFAULT_POINTS = (0.7, 0.5, 0.35)
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "compare.png"))
     p.add_argument("--no_progress", action="store_true", help="no progress bars (logs, tests)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the bench machine has 2 cores)")
+    p.add_argument("--device", default="cpu",
+                   help="where the runs train (cuda: a GPU; CPU latency is then not measured)")
     qa = p.add_argument_group("the qa task (paper scale: --model_name_or_path bert-base-uncased --dataset_name squad)")
     qa.add_argument("--model_name_or_path", default="minilm")
     qa.add_argument("--dataset_name", default=None, help="a Hub dataset or a local folder in the Hub layout")
@@ -127,7 +130,7 @@ def selected_rows(args):
     return rows
 
 
-def estimate_seconds(task, runs_per_seed: int, seeds: int) -> tuple[float, dict[str, float]]:
+def estimate_seconds(task, runs_per_seed: int, seeds: int, device: str = "cpu") -> tuple[float, dict[str, float]]:
     """Time a few training steps and one evaluation of the dense model, scale to the run count."""
     import copy
 
@@ -135,8 +138,8 @@ def estimate_seconds(task, runs_per_seed: int, seeds: int) -> tuple[float, dict[
 
     seed_everything(0)
     model = task.dense_reference(0)
-    model = copy.deepcopy(model).train() if model is not None else task.build_model(0).train()
-    batches = task.train_batches(0)
+    model = (copy.deepcopy(model) if model is not None else task.build_model(0)).train().to(device)
+    batches = (to_device(batch, device) for batch in task.train_batches(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     timings = []
     for _ in range(3):
@@ -144,6 +147,8 @@ def estimate_seconds(task, runs_per_seed: int, seeds: int) -> tuple[float, dict[
         task.loss(model, next(batches)).backward()
         optimizer.step()
         optimizer.zero_grad()
+        if device != "cpu":
+            torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     step = min(timings[1:])
     start = time.perf_counter()
@@ -154,6 +159,13 @@ def estimate_seconds(task, runs_per_seed: int, seeds: int) -> tuple[float, dict[
     per_run = task.budget.steps * step * 1.15 + 4 * evaluation + 3.0
     dense = 0.0 if task.dense_reference(0) is not None else per_run
     return seeds * (runs_per_seed * per_run + dense), {"step_s": step, "eval_s": evaluation, "run_s": per_run}
+
+
+def device_name() -> str:
+    """Where the runs of this process trained (kept with the results)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def code_version() -> str:
@@ -189,7 +201,8 @@ def save_results(path: str, runs: list[dict], tasks: dict[str, dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"command": " ".join(sys.argv), "code": code_version(), "tasks": tasks, "runs": runs}, f, indent=1)
+        json.dump({"command": " ".join(sys.argv), "code": code_version(), "device": device_name(), "tasks": tasks,
+                   "runs": runs}, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{len(rows)} rows ({len(rows) - len(runnable)} cannot run with this code: counted in the estimate "
           f"all the same), points {args.points}")
     for task in tasks:
-        seconds, detail = estimate_seconds(task, len(rows) * len(args.points), len(seeds_of(task, args)))
+        seconds, detail = estimate_seconds(task, len(rows) * len(args.points), len(seeds_of(task, args)), args.device)
         total += seconds
         print(f"  {task.name:<16} {task.budget.steps} steps, {len(seeds_of(task, args))} seed(s): "
               f"{detail['step_s'] * 1e3:.0f} ms/step, {detail['run_s']:.0f} s/run -> {seconds / 60:.0f} min")
@@ -268,11 +281,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     runs, infos = load_results([args.results]) if args.resume else ([], {})
+    cpu_latency = args.device == "cpu"
     infos.update({task.name: task_info(task) for task in tasks})
     done = {_key(r) for r in runs}
     for task in tasks:
         for seed in seeds_of(task, args):
-            dense_model, dense_row = dense_reference(task, seed, show_progress=not args.no_progress)
+            dense_model, dense_row = dense_reference(task, seed, show_progress=not args.no_progress,
+                                                     device=args.device, cpu_latency=cpu_latency)
             if _key(dense_row.to_dict()) not in done:
                 runs.append(dense_row.to_dict())
                 print(f"{task.name} seed {seed} dense: {dense_row.metrics}")
@@ -281,7 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     key = (task.name, method.name, seed, point, task.budget.steps)
                     if key in done:
                         continue
-                    result = run(task, method, seed, point, dense_model, show_progress=not args.no_progress)
+                    result = run(task, method, seed, point, dense_model, show_progress=not args.no_progress,
+                                 device=args.device, cpu_latency=cpu_latency)
                     runs.append(result.to_dict())
                     save_results(args.results, runs, infos)
                     summary = result.error or (f"{task.metric} {result.metrics[task.metric]:.3f}, kept FLOPs "

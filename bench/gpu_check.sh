@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_check.sh                      # needs a GPU and a network (or the HF caches)
 #   bash bench/gpu_check.sh --dry-run            # the same code path on CPU, tiny model and data
+#   bash bench/gpu_check.sh --offline            # GPU, no network: pretrained MiniLM on the hard QA set
 #   bash bench/gpu_check.sh --model /path/bert-base-uncased --dataset /path/squad-parquet
 #
 # Any other option goes to bench/gpu_check.py (--help lists them). Results: out/gpu_check/gpu_check.json.
