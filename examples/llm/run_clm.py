@@ -40,6 +40,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLa
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from hf_oto import OTOTrainer, OTOTrainingArguments  # noqa: E402
+from hf_oto.distributed import leave_process_group  # noqa: E402
 from hf_oto.fsdp import gather_dense_model, is_sharded  # noqa: E402
 
 logger = logging.getLogger("run_clm")
@@ -268,23 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"perplexity   dense trained as long without pruning {baseline:.2f}")
         print(f"compressed model and card: {folder}")
     return results
-
-
-def leave_process_group() -> None:
-    """End a multi-process run (torchrun, accelerate launch). With the CPU backend (gloo) a rank
-    sometimes aborts in the interpreter's teardown after all its work is done ("terminate called
-    without an active exception": a gloo thread outlives the C++ teardown), which turns a finished
-    run into a failed launch; such a run leaves without that teardown."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gloo = dist.get_backend() == "gloo"
-    dist.destroy_process_group()
-    if gloo:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":
