@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for point in args.points:
         if not 0.0 < point < 1.0:
             p.error(f"--points must be in (0, 1), got {point}")
+    if args.device != "cpu" and not args.report_only:
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as err:  # no such device, or torch built without it
+            p.error(f"--device {args.device} is not usable here: {str(err).splitlines()[0]}")
     return args
 
 

@@ -163,3 +163,25 @@ def test_gpu_check_dry_run_and_its_fail_fast_message(tmp_path):
     if not torch.cuda.is_available():  # without --dry-run, a machine with no GPU is told so at once
         result = _run("bench/gpu_check.py", "--out", str(tmp_path / "x"), timeout=120)
         assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.skipif(not HAS_BENCH, reason="needs the bench extra")
+def test_compare_refuses_a_device_it_cannot_use(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _run("bench/compare.py", "--device", "cuda", "--tasks", "digits-resnet", "--results",
+                  str(tmp_path / "runs.json"), timeout=300)
+    assert result.returncode == 2 and "--device cuda is not usable here" in result.stderr
+    assert not (tmp_path / "runs.json").exists()
+
+
+def test_gpu_check_offline_sizes_its_run_for_minilm_unless_told():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from gpu_check import parse_args
+
+    offline = parse_args(["--offline"])
+    assert (offline.steps, offline.learning_rate) == (600, 1e-4)
+    assert (parse_args([]).steps, parse_args([]).learning_rate) == (1200, 5e-5)
+    assert parse_args(["--offline", "--steps", "50", "--learning_rate", "3e-5"]).steps == 50
