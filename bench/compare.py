@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -173,6 +174,7 @@ def device_name() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+@functools.cache  # read once, when the runs start: the checkout may move on while they run
 def code_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
+    code_version()
     tasks = build_tasks(args)
     rows = selected_rows(args)
     runnable = [r for r in rows if r.available() is None]
