@@ -178,8 +178,7 @@ def test_compare_refuses_a_device_it_cannot_use(tmp_path):
 
 
 def test_gpu_check_offline_sizes_its_run_for_minilm_unless_told():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from gpu_check import parse_args
+    from bench.gpu_check import parse_args
 
     offline = parse_args(["--offline"])
     assert (offline.steps, offline.learning_rate) == (600, 1e-4)
