@@ -153,8 +153,10 @@ def main(argv=None) -> dict:
         args.model = minilm_folder()
         args.dataset = write_hard_qa(os.path.join(tempfile.mkdtemp(prefix="gpu_check-"), "hard_qa"))
     preflight(args)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # TF32 through the per-backend settings: the legacy allow_tf32 flags are deprecated, and
+    # compress() sets and restores these for its exactness check.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
     from bench.methods import HfOto, PruneThenFinetune
     from bench.methods.loop import dense_reference, run
