@@ -50,6 +50,7 @@ from bench.methods.hf_oto_rows import accepts  # noqa: E402
 from bench.methods.loop import dense_reference, run  # noqa: E402
 from bench.tasks import TASKS, make_task  # noqa: E402
 from bench.tasks.base import to_device  # noqa: E402
+from hf_oto.optim.selection import PRUNING_SCHEDULES  # noqa: E402
 
 DEFAULT_TASKS = ("qa-hard", "embed-distill", "digits-resnet", "digits-convnext")
 DEFAULT_POINTS = (0.7, 0.5, 0.35)
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=None, help="run only rows whose name contains one of these")
     p.add_argument("--criteria", nargs="+", default=[OLD_SALIENCY, NEW_SALIENCY],
                    help="group-selection criteria of the hf_oto HESSO/DHSPG rows (oto_saliency names)")
+    p.add_argument("--schedules", nargs="+", default=["linear", "cubic"], choices=list(PRUNING_SCHEDULES),
+                   help="pruning schedules: each other than linear adds a HESSO row with the default criterion")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: each task's own)")
     p.add_argument("--pruning_periods", type=int, default=None, help="pruning periods (default 10)")
     p.add_argument("--batch_size", type=int, default=None)
@@ -130,7 +133,7 @@ def seeds_of(task, args) -> list[int]:
 
 
 def selected_rows(args):
-    rows = all_rows(tuple(args.criteria))
+    rows = all_rows(tuple(args.criteria), tuple(args.schedules))
     if args.rows:
         rows = [r for r in rows if any(s.lower() in r.name.lower() for s in args.rows)]
     return rows

@@ -22,7 +22,6 @@ This is evidence for a default, not a benchmark suite (bench/compare.py is the f
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.resources
 import os
 import re

@@ -60,6 +60,10 @@ class OTOTrainingArguments(TrainingArguments):
         metadata={"help": "hesso/dhspg: every layer of a family (model.layers.*.mlp, ...) keeps the same number of "
                           "heads, KV heads, neurons and channels, so the compressed model is saved with a standard "
                           "config of its class and loads without remote code."})
+    oto_pruning_schedule: str = field(
+        default="linear",
+        metadata={"help": "hesso/dhspg: how the target is spread over the pruning periods: linear (an equal share "
+                          "each, as published) or cubic (most of it in the first periods)."})
     oto_variant: str = field(
         default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
     oto_pruning_start: float = field(
@@ -122,10 +126,7 @@ class OTOTrainingArguments(TrainingArguments):
 
         if self.oto_method not in available_methods():
             raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
-        selection = SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
-                                    target_kept_params=self.target_kept_params,
-                                    group_divisible=self.oto_group_divisible,
-                                    uniform_layers=self.oto_uniform_layers)  # ValueError on bad values
+        selection = self.selection()  # ValueError on bad values
         if selection.unit != "groups" or selection.bundled:
             option = (f"target_kept_{selection.unit}" if selection.unit != "groups" else
                       "oto_group_divisible" if selection.group_divisible > 1 else "oto_uniform_layers")
@@ -163,7 +164,7 @@ class OTOTrainingArguments(TrainingArguments):
         """The :class:`~hf_oto.optim.selection.SelectionConfig` of hesso/dhspg these arguments describe."""
         return SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
                                target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible,
-                               uniform_layers=self.oto_uniform_layers)
+                               uniform_layers=self.oto_uniform_layers, pruning_schedule=self.oto_pruning_schedule)
 
     def oto_summary(self) -> dict[str, Any]:
         """The OTO settings, for checkpoints and the model card."""

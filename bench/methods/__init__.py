@@ -9,9 +9,10 @@ from .magnitude import GradualMagnitude, PruneThenFinetune
 from .torch_pruning_rows import TorchPruning
 
 
-def all_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY)) -> list[Method]:
+def all_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY),
+             schedules: tuple[str, ...] = ("linear", "cubic")) -> list[Method]:
     """Every row of the comparison, hf_oto's first."""
-    return [*hf_oto_rows(criteria), PruneThenFinetune(), GradualMagnitude(), TorchPruning("taylor"),
+    return [*hf_oto_rows(criteria, schedules), PruneThenFinetune(), GradualMagnitude(), TorchPruning("taylor"),
             TorchPruning("magnitude"), AuthorsHESSO()]
 
 

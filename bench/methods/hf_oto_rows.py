@@ -50,6 +50,8 @@ class HfOto(Method):
         self.options = options
         label = {"hesso": "HESSO", "dhspg": "DHSPG", "hspg": "HSPG"}[method]
         tags = [saliency] if saliency else []
+        if options.get("pruning_schedule", "linear") != "linear":
+            tags.append(options["pruning_schedule"])
         if options.get("uniform_layers"):
             tags.append("uniform")
         self.name = f"hf_oto {label}" + (f" [{', '.join(tags)}]" if tags else "")
@@ -92,13 +94,16 @@ class HfOto(Method):
         return compress(model, self.groups)
 
 
-def hf_oto_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY)) -> list[Method]:
-    """HESSO and DHSPG with each criterion, HESSO with the default criterion and layer-uniform
-    selection (issue 15: what uniformity costs at equal FLOPs), HSPG (which has no selection step:
-    its penalty and half-space test decide) once."""
+def hf_oto_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY),
+                schedules: tuple[str, ...] = ("linear", "cubic")) -> list[Method]:
+    """HESSO and DHSPG with each criterion, HESSO with the default criterion and each other
+    ``pruning_schedule`` (``cubic``: most of the target in the first periods), HESSO with the default
+    criterion and layer-uniform selection (issue 15: what uniformity costs at equal FLOPs), HSPG
+    (which has no selection step: its penalty and half-space test decide) once."""
     rows: list[Method] = []
     for method in ("hesso", "dhspg"):
         rows += [HfOto(method, saliency=c) for c in criteria]
+    rows += [HfOto("hesso", saliency=NEW_SALIENCY, pruning_schedule=s) for s in schedules if s != "linear"]
     rows.append(HfOto("hesso", saliency=NEW_SALIENCY, uniform_layers=True))
     rows.append(HfOto("hspg"))
     return rows

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._index import (Positions, PrunableIndex, fill_positions_, scale_positions_, scaled_step_,
+from ._index import (Positions, PrunableIndex, fill_positions_, scaled_step_,
                      update_with_rows_)
 from ._sharding import like_param, local
 

@@ -71,7 +71,8 @@ class DHSPG(WindowedPruning):
       :func:`adaptive_lambdas` (d: the base direction), and the half-space test: if ``y_g`` leaves
       the half-space of ``x_g``, ``<y_g, x_g> < epsilon * ||x_g||^2``, the group is projected to
       exactly zero and frozen. Projections stop at the period's cumulative target
-      ``floor(K * (p + 1) / P)`` (K = ``floor(target_group_sparsity * num_prunable)``); when more
+      ``floor(K * (p + 1) / P)`` (K = ``floor(target_group_sparsity * num_prunable)``; a cubic
+      ``selection.pruning_schedule`` front-loads it); when more
       groups qualify, those deepest across the boundary (smallest ``<y_g, x_g>/||x_g||^2``) go first.
       Once the target is met, the rest of R returns to the important set.
     - At the last step of each period, if the half-space test has not zeroed enough groups, the

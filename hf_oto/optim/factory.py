@@ -54,8 +54,8 @@ def create_oto_optimizer(
             its proximal stage). Default 0.
         pruning_steps: length of the pruning window in optimizer steps; required for hesso/dhspg,
             optional for hspg (default: its half-space stage lasts to the end of training).
-        pruning_periods: periods the window is split into, each zeroing an equal share of the
-            target (hesso default 10, dhspg default 1; not used by hspg).
+        pruning_periods: periods the window is split into, each zeroing a share of the target
+            (equal, or as ``pruning_schedule`` says; hesso default 10, dhspg default 1; not used by hspg).
         param_groups: optional param group dicts (e.g. no weight decay on biases and norms).
         **method_kwargs: method options: ``importance_criteria`` (hesso); ``lmbda``,
             ``lmbda_amplify``, ``hat_lmbda_coeff``, ``epsilon``, ``tolerance_group_sparsity`` (dhspg);
@@ -65,7 +65,8 @@ def create_oto_optimizer(
             ``saliency_steps``, ``target_kept_flops`` or ``target_kept_params`` (instead of
             ``target_group_sparsity``),
             ``group_divisible``, ``uniform_layers`` (every layer of a family keeps the same count, so
-            the compressed model has a standard config); and ``example_inputs`` for counting FLOPs (default: those
+            the compressed model has a standard config), ``pruning_schedule`` (``"linear"`` or
+            ``"cubic"``: how the target is spread over the periods); and ``example_inputs`` for counting FLOPs (default: those
             ``find_groups`` traced).
 
     The schedule follows the optimizer's own step counter, so a learning-rate scheduler can change

@@ -80,7 +80,7 @@ class HESSO(WindowedPruning):
       raw gradients, ``"mixed"`` the published mix of :func:`importance_scores`) and the least
       important of the remaining prunable groups become redundant, so that by the end of period p
       the cumulative count is ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity *
-      num_prunable)``. During a period of L steps a redundant group gets its base step and is then
+      num_prunable)`` (with ``pruning_schedule="cubic"``, ``floor(K * (1 - (1 - (p + 1)/P)^3))``). During a period of L steps a redundant group gets its base step and is then
       multiplied by ``(L - t - 2)/(L - t - 1)`` (t = 0, 1, ...: the step inside the period), so its
       size shrinks linearly to exactly zero at step ``t = L - 2`` (at once when L = 1), when it is
       frozen; the period's last step trains the remaining groups with the new zeros in place;
@@ -92,7 +92,8 @@ class HESSO(WindowedPruning):
     ``selection`` (a :class:`~hf_oto.optim.selection.SelectionConfig` or its dict; the factory takes
     its fields as keywords) can replace the group target by a kept share of the FLOPs (counted on
     ``example_inputs``, default those ``find_groups`` traced) or parameters, each period removing an
-    equal share of it with groups weighed by their cost, and align every layer's kept count.
+    equal share of it with groups weighed by their cost, align every layer's kept count, and
+    front-load the removal (``pruning_schedule="cubic"``; see docs/selection.md for when it helps).
 
     Checked against the authors' HESSO (``only_train_once/optimizer/hesso.py`` and
     ``importance_score/`` of the ``only-train-once`` 3.0.1 release and tianyic/only_train_once;

@@ -46,6 +46,8 @@ DEFAULT_SALIENCY = "taylor_abs"
 #: Batches accumulated before each selection when ``saliency_steps`` is not set: the period's
 #: length, at most this many (older gradients belong to weights that have moved on).
 MAX_DEFAULT_SALIENCY_STEPS = 64
+#: How the target is spread over the pruning periods (see :func:`schedule_fraction`).
+PRUNING_SCHEDULES = ("linear", "cubic")
 #: Rounds of the greedy fill (each one vectorised) before the closing bundle.
 _FILL_ROUNDS = 32
 
@@ -68,6 +70,10 @@ class SelectionConfig(JsonConfigMixin):
             kind and size) keeps the same number of groups, so that the compressed model fits its
             class's standard config (a GQA head group removes a KV head with its query heads, so
             the query heads per KV head stay equal too).
+        pruning_schedule: how much of the target the periods remove: ``"linear"`` (default, as
+            published: an equal share each) or ``"cubic"`` (Zhu and Gupta's gradual schedule:
+            most of it in the first periods, so that the kept groups train longer without the
+            removed ones); see :func:`schedule_fraction`.
 
     Example:
         >>> SelectionConfig(target_kept_flops=0.5, group_divisible=8).unit
@@ -85,6 +91,7 @@ class SelectionConfig(JsonConfigMixin):
     target_kept_params: float | None = None
     group_divisible: int = 1
     uniform_layers: bool = False
+    pruning_schedule: str = "linear"
 
     config_label = "selection options"
 
@@ -107,6 +114,9 @@ class SelectionConfig(JsonConfigMixin):
             raise ValueError(f"group_divisible must be an integer >= 1, got {self.group_divisible!r}")
         if not isinstance(self.uniform_layers, bool):
             raise ValueError(f"uniform_layers must be True or False, got {self.uniform_layers!r}")
+        if self.pruning_schedule not in PRUNING_SCHEDULES:
+            raise ValueError(f"unknown pruning_schedule {self.pruning_schedule!r}; choose from "
+                             f"{', '.join(PRUNING_SCHEDULES)}")
 
     @property
     def bundled(self) -> bool:
@@ -287,6 +297,23 @@ class GroupSelector:
                                   + torch.arange(inside.numel()), stable=True).indices]
         sizes = torch.bincount(inverse, minlength=num)[bundle_order]
         return order, sizes.cumsum(0), cst[bundle_order]
+
+
+def schedule_fraction(schedule: str, period: int, periods: int) -> float:
+    """Share of the whole target removed by the end of ``period`` (0-based) of ``periods``.
+
+    ``"linear"``: ``(p + 1) / P``. ``"cubic"``: ``1 - (1 - (p + 1) / P)^3`` (Zhu and Gupta, 2017),
+    which front-loads the removal: with 10 periods, 27% of the target in the first one, 78% by
+    the fourth. Both reach 1 at the last period.
+
+    Example:
+        >>> [round(schedule_fraction("cubic", p, 4), 3) for p in range(4)]
+        [0.578, 0.875, 0.984, 1.0]
+    """
+    if schedule not in PRUNING_SCHEDULES:
+        raise ValueError(f"unknown pruning_schedule {schedule!r}; choose from {', '.join(PRUNING_SCHEDULES)}")
+    done = (period + 1) / periods
+    return done if schedule == "linear" else 1.0 - (1.0 - done) ** 3
 
 
 def _lexsort(*keys: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from ..costs import GroupCosts
 from ..graph.analysis import _unwrap as unwrap_model
 from .base import GroupSparseOptimizer, check_int, check_number
 from .saliency import LOSS_SALIENCIES, group_dots, loss_saliency
-from .selection import MAX_DEFAULT_SALIENCY_STEPS, GroupSelector, SelectionConfig, check_reachable
+from .selection import (MAX_DEFAULT_SALIENCY_STEPS, GroupSelector, SelectionConfig, check_reachable,
+                        schedule_fraction)
 
 #: A method's own mix of criteria: candidates (bool over groups) -> importance (higher: keep).
 Mix = Callable[[torch.Tensor], torch.Tensor]
@@ -29,7 +30,8 @@ class WindowedPruning(GroupSparseOptimizer):
     the target, then the base optimizer alone (all counted in optimizer steps).
 
     The target is ``target_group_sparsity`` (a share of the prunable groups), or, through
-    ``selection`` (:class:`SelectionConfig`), a kept share of the FLOPs or parameters. At the first
+    ``selection`` (:class:`SelectionConfig`), a kept share of the FLOPs or parameters; with
+    ``selection.pruning_schedule="cubic"`` the first periods remove more of it. At the first
     step of each period the groups are chosen by ``selection.saliency``; the loss-based criteria
     accumulate ``<x_g, grad_g>`` over the ``saliency_steps`` steps before each selection, and only
     then (outside those steps a step costs what it did before).
@@ -106,15 +108,19 @@ class WindowedPruning(GroupSparseOptimizer):
 
     def _period_budget(self, period: int) -> float:
         if self.selection.unit == "groups":
-            return float(cumulative_targets(int(self._target_removed()), self.pruning_periods)[period])
-        return self._target_removed() * (period + 1) / self.pruning_periods
+            return float(self._cumulative(int(self._target_removed()))[period])
+        return self._target_removed() * schedule_fraction(self.selection.pruning_schedule, period,
+                                                          self.pruning_periods)
+
+    def _cumulative(self, total: int) -> list[int]:
+        return cumulative_targets(total, self.pruning_periods, self.selection.pruning_schedule)
 
     def _period_target(self, period: int) -> int:
         """Zero groups to reach by the end of ``period`` (set by the period's selection)."""
         if self._oto["selected_period"] == period:
             return int(self._oto["period_target"])
         if self._plain_target:
-            return cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+            return self._cumulative(self.target_num_zero_groups)[period]
         return int(self._oto["committed"].sum())
 
     def _config(self) -> dict[str, Any]:
@@ -222,7 +228,7 @@ class WindowedPruning(GroupSparseOptimizer):
                 blocked |= chosen & ~feasible  # never pick those again; the next-best fill their places
             self._oto["active"] = chosen
         self._oto["selected_period"] = period
-        self._oto["period_target"] = (cumulative_targets(self.target_num_zero_groups, self.pruning_periods)[period]
+        self._oto["period_target"] = (self._cumulative(self.target_num_zero_groups)[period]
                                       if self._plain_target else int((committed | chosen).sum()))
         self._oto["saliency_sum"].zero_()
         self._oto["saliency_sq"].zero_()
@@ -246,6 +252,9 @@ def schedule_period(step: int, start: int, steps: int, periods: int) -> tuple[in
     return p, j - begin, length
 
 
-def cumulative_targets(total: int, periods: int) -> list[int]:
-    """Zero groups to reach by the end of each period: evenly spread, the last one exactly ``total``."""
-    return [(total * (p + 1)) // periods for p in range(periods)]
+def cumulative_targets(total: int, periods: int, schedule: str = "linear") -> list[int]:
+    """Zero groups to reach by the end of each period, spread by ``schedule``
+    (:func:`~hf_oto.optim.selection.schedule_fraction`), the last one exactly ``total``."""
+    if schedule == "linear":  # integer arithmetic: no rounding at exact multiples
+        return [(total * (p + 1)) // periods for p in range(periods)]
+    return [int(total * schedule_fraction(schedule, p, periods) + 1e-9) for p in range(periods - 1)] + [total]
