@@ -127,9 +127,10 @@ class OTOTrainingArguments(TrainingArguments):
         if self.oto_method not in available_methods():
             raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
         selection = self.selection()  # ValueError on bad values
-        if selection.unit != "groups" or selection.bundled:
+        if selection.unit != "groups" or selection.bundled or selection.pruning_schedule != "linear":
             option = (f"target_kept_{selection.unit}" if selection.unit != "groups" else
-                      "oto_group_divisible" if selection.group_divisible > 1 else "oto_uniform_layers")
+                      "oto_group_divisible" if selection.group_divisible > 1 else
+                      "oto_uniform_layers" if selection.uniform_layers else "oto_pruning_schedule")
             if self.oto_method not in _SELECTING_METHODS:
                 raise ValueError(f"{option} applies to oto_method hesso or dhspg, not {self.oto_method!r}")
         if selection.unit != "groups":

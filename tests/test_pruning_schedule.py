@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from hf_oto import OTOTrainingArguments, compress, find_groups
+from hf_oto import OTOTrainer, OTOTrainingArguments, compress, find_groups
 from hf_oto.measure import count_flops
 from hf_oto.optim import create_oto_optimizer
 from hf_oto.optim.selection import SelectionConfig, schedule_fraction
 from hf_oto.optim.windowed import cumulative_targets
 from hf_oto.testing.zoo import build
+from trainer_utils import qa_data, qa_model
+from transformers import TrainerCallback
 
 from helpers import outputs, relative_difference
 from test_selection import _train_on_noise
@@ -84,6 +86,8 @@ def test_the_schedule_is_checked_saved_and_reaches_the_trainer():
         SelectionConfig(pruning_schedule="exponential")
     with pytest.raises(ValueError, match="unknown pruning_schedule"):
         OTOTrainingArguments(output_dir="out", oto_pruning_schedule="quadratic")
+    with pytest.raises(ValueError, match="oto_pruning_schedule applies to oto_method hesso or dhspg, not 'sfw'"):
+        OTOTrainingArguments(output_dir="out", oto_method="sfw", oto_pruning_schedule="cubic")
     args = OTOTrainingArguments(output_dir="out", oto_pruning_schedule="cubic")
     assert args.selection().pruning_schedule == "cubic"
     assert SelectionConfig.from_dict(SelectionConfig(pruning_schedule="cubic").to_dict()).pruning_schedule == "cubic"
@@ -94,3 +98,31 @@ def test_the_schedule_is_checked_saved_and_reaches_the_trainer():
     assert opt.state_dict()["oto"]["config"]["selection"]["pruning_schedule"] == "cubic"
     with pytest.raises(ValueError, match="hspg does not take pruning_schedule"):
         create_oto_optimizer(model, groups, method="hspg", pruning_schedule="cubic")
+
+
+class _ZeroCounts(TrainerCallback):
+    def __init__(self):
+        self.counts = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        self.counts[state.global_step] = int(opt.zero_groups().sum())
+
+
+def test_the_trainer_follows_the_cubic_schedule(tmp_path):
+    """OTOTrainer hands oto_pruning_schedule to HESSO: after the first of 3 periods the model has
+    the cubic count of zero groups (70% of the target, against a third with linear)."""
+    recorder = _ZeroCounts()
+    data = qa_data()
+    args = OTOTrainingArguments(output_dir=str(tmp_path / "out"), oto_method="hesso", max_steps=10,
+                                oto_pruning_start=1, oto_pruning_end=10, oto_pruning_periods=3,
+                                oto_pruning_schedule="cubic", target_group_sparsity=0.5, learning_rate=1e-3,
+                                per_device_train_batch_size=8, per_device_eval_batch_size=16, report_to=[],
+                                save_strategy="no", use_cpu=True, seed=0, oto_measure_latency=False)
+    trainer = OTOTrainer(model=qa_model(), args=args, train_dataset=data, eval_dataset=data, callbacks=[recorder])
+    trainer.train()  # raises if the compressed model's metrics differ from the sparse model's
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert opt.selection.pruning_schedule == "cubic"
+    k = opt.target_num_zero_groups
+    assert recorder.counts[4] == cumulative_targets(k, 3, "cubic")[0] > cumulative_targets(k, 3)[0]
+    assert recorder.counts[10] == k == trainer.oto_report.num_removed_groups
