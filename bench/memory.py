@@ -31,46 +31,19 @@ import socket
 import subprocess
 import sys
 import tempfile
-import weakref
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.peak_memory import PeakTemporaries  # noqa: E402
 from hf_oto import find_groups  # noqa: E402
 from hf_oto.optim import DHSPG, HESSO  # noqa: E402
 from hf_oto.optim._sharding import local  # noqa: E402
 
 STEPS, BATCH, LENGTH = 8, 4, 32
 OPTIMIZERS = ("adamw", "hesso", "dhspg")
-
-
-class _PeakTemporaries(TorchDispatchMode):
-    """Peak bytes of tensors allocated inside the mode and still alive; DTensor results count by
-    their local shard."""
-
-    def __init__(self, existing: set[int]) -> None:
-        super().__init__()
-        self.existing, self.sizes, self.live, self.peak = existing, {}, 0, 0
-
-    def _free(self, ptr: int) -> None:
-        self.live -= self.sizes.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = local(t).untyped_storage()
-                ptr = st.data_ptr()
-                if ptr and ptr not in self.existing and ptr not in self.sizes:
-                    self.sizes[ptr] = st.nbytes()
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, ptr)
-        return out
 
 
 def build_model(quick: bool):
@@ -138,7 +111,7 @@ def run(name: str, quick: bool, groups, world: int, rank: int) -> dict[str, floa
         held = _local_tensors(opt)
         before = params + _bytes(local(p.grad) for p in model.parameters() if p.grad is not None) \
             + _state_bytes(opt) + _index_bytes(opt)
-        with _PeakTemporaries({t.untyped_storage().data_ptr() for t in held}) as mode:
+        with PeakTemporaries({t.untyped_storage().data_ptr() for t in held}) as mode:
             opt.step()
         # State created by the first step counts as state, not as a temporary.
         created = _state_bytes(opt) + _index_bytes(opt) - (before - params - _bytes(

@@ -38,40 +38,14 @@ import os
 import sys
 import time
 import warnings
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.peak_memory import PeakTemporaries  # noqa: E402
 from hf_oto import find_groups  # noqa: E402
 from hf_oto.optim import create_oto_optimizer  # noqa: E402
-
-
-class _PeakTemporaries(TorchDispatchMode):
-    """Peak bytes of tensors allocated inside the mode and still alive (freed ones are subtracted)."""
-
-    def __init__(self, existing: set[int]) -> None:
-        super().__init__()
-        self.existing, self.sizes, self.live, self.peak = existing, {}, 0, 0
-
-    def _free(self, ptr: int) -> None:
-        self.live -= self.sizes.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ptr = st.data_ptr()
-                if ptr and ptr not in self.existing and ptr not in self.sizes:
-                    self.sizes[ptr] = st.nbytes()
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, ptr)
-        return out
 
 
 def _tensors(opt) -> list[torch.Tensor]:
@@ -113,7 +87,7 @@ def _time_interleaved(opts: list, repeat: int) -> list[tuple[float, float]]:
 
 def _peak_extra(opt) -> int:
     existing = {t.untyped_storage().data_ptr() for t in _tensors(opt)}
-    with _PeakTemporaries(existing) as mode:
+    with PeakTemporaries(existing) as mode:
         opt.step()
     return mode.peak
 
