@@ -187,7 +187,8 @@ class WindowedPruning(GroupSparseOptimizer):
         dots = group_dots(self._index, self._local_params(), self._local_grads(),
                           absolute=self.selection.saliency == "taylor_abs")
         self._oto["saliency_sum"] += dots
-        self._oto["saliency_sq"] += dots.square()
+        if self.selection.saliency == "fisher":  # the others read only the sum (the state keeps both)
+            self._oto["saliency_sq"] += dots.square()
         self._oto["saliency_batches"] += 1
 
     # -- selection -----------------------------------------------------------------------------
