@@ -23,6 +23,11 @@ from .group_slices import (GroupSlice, _outer_of, grid_view, per_position, ragge
 from .group_summary import format_summary
 
 
+#: Positions a width read as a 16-byte aligned stride keeps a multiple of (8: bfloat16/float16;
+#: float32 needs 4). ``aten._grouped_mm`` refuses other strides on CPU and GPU.
+ALIGNED_MULTIPLE = 8
+
+
 @dataclass(frozen=True)
 class ZeroInvariantGroup:
     """One removable structure: a head, an FFN neuron, a conv channel or a hidden dimension.
@@ -36,6 +41,10 @@ class ZeroInvariantGroup:
         num_params: parameter entries the group covers.
         exact: removing the group (when all zero) leaves every output unchanged. False only for
             hidden dimensions normalised by a LayerNorm/RMSNorm, whose statistics change.
+        kept_multiple: the dimensions holding the group keep a multiple of this many positions
+            (:data:`ALIGNED_MULTIPLE` where a kernel reads the width as an aligned stride, such
+            as the experts' ``grouped_mm``; else 1). :meth:`ZeroInvariantGroups.feasible_removal`
+            keeps zero groups to reach it.
     """
 
     index: int
@@ -45,6 +54,7 @@ class ZeroInvariantGroup:
     reason: str
     num_params: int
     exact: bool = True
+    kept_multiple: int = 1
 
 
 @dataclass
@@ -336,15 +346,35 @@ class ZeroInvariantGroups:
             return remove
         if self._covering is None:
             members = [s.group.unique() for s in self.covering_slices]
+            multiple = torch.tensor([g.kept_multiple for g in self.groups] or [1], dtype=torch.long)
             self._covering = (members, torch.cat(members),
-                              torch.arange(len(members)).repeat_interleave(torch.tensor([m.numel() for m in members])))
-        members, flat, segment = self._covering
+                              torch.arange(len(members)).repeat_interleave(torch.tensor([m.numel() for m in members])),
+                              [int(multiple[m].max()) if m.numel() else 1 for m in members])
+        members, flat, segment, multiples = self._covering
         # Only dims whose groups are all removed can empty; keeping a group never empties another.
         kept = torch.zeros(len(members), dtype=torch.long).index_add_(0, segment, (~remove[flat]).long())
         for i in (kept == 0).nonzero().flatten().tolist():
             if remove[members[i]].all():
                 remove[self.covering_slices[i].group[0]] = False
+        for i in [i for i, n in enumerate(multiples) if n > 1]:
+            self._round_up_kept(remove, i, multiples[i])
         return remove
+
+    def _round_up_kept(self, remove: torch.Tensor, i: int, multiple: int) -> None:
+        """Keep removed groups of covering slice ``i`` until its kept positions are a multiple of
+        ``multiple`` (or it keeps everything). Counted in positions: a group may hold several."""
+        s = self.covering_slices[i]
+        gone = remove[s.group]
+        positions = int(s.group.numel())
+        kept = positions - int(gone.sum())
+        if kept % multiple == 0:
+            return
+        per_group = torch.bincount(s.group)
+        for g in s.group[gone].unique().tolist():  # back in index order, one group at a time
+            if kept % multiple == 0 or kept >= positions:
+                break
+            remove[g] = False
+            kept += int(per_group[g])
 
     def padded_norms(self, remove: torch.Tensor) -> dict[str, tuple[int, int, torch.Tensor]]:
         """Norm modules that lose positions: module -> (dim, full size, kept positions)."""

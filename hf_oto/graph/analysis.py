@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..groups import AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup, ZeroInvariantGroups
-from .atoms import CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE, common_module_prefix
+from ..groups import (ALIGNED_MULTIPLE, AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup,
+                      ZeroInvariantGroups)
+from .atoms import ALIGNED, CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported
 from .config import GroupConfig
@@ -202,7 +203,8 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
             unprunable_tensors.setdefault(f"{o.tensor} (dim {o.dim})", reason)
 
     sizes = _group_sizes(counts_per_param, trace, candidates.size)
-    mixed, heads, convs, embeds, experts = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED, EXPERT))
+    mixed, heads, convs, embeds, experts, aligned = (flags.get(k, {}) for k in (MIXED, HEAD, CONV, EMBED, EXPERT,
+                                                                                  ALIGNED))
     excluded = [re.compile(p) for p in config.exclude]
     groups: list[ZeroInvariantGroup] = []
     for g, comp in enumerate(candidates.tolist()):
@@ -230,7 +232,8 @@ def build_groups(trace: TraceResult, config: GroupConfig, model_class: str = "")
         if not reason and any(p.search(layer) for p in excluded):
             reason = "excluded by GroupConfig.exclude"
         groups.append(ZeroInvariantGroup(g, kind, layer, not reason, reason, int(sizes[g]),
-                                         exact=comp in experts or comp not in inexact_comps))
+                                         exact=comp in experts or comp not in inexact_comps,
+                                         kept_multiple=ALIGNED_MULTIPLE if comp in aligned else 1))
 
     bindings = []
     for b in bound:

@@ -27,6 +27,8 @@ COARSENED = "coarsened"  # several indices fused into one unit by a reshape (hea
 # A channel role: contracted with a weight, produced by a weight, normalised per channel. Dims that
 # never take one (kernel taps, table rows, sequence positions) are not structures.
 STRUCTURE = "structure"
+# A width a kernel reads as a stride that must stay 16-byte aligned (``aten._grouped_mm``).
+ALIGNED = "aligned"
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..groups import (AttributeBinding, ExpertRouting, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups,
                       segment_layout)
-from .atoms import STRUCTURE, UNPRUNABLE, common_module_prefix
+from .atoms import ALIGNED, STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import contract, unsupported
 from .shape_rules import index as plain_index
 from .trace import OpContext
@@ -210,6 +210,10 @@ def grouped_mm(ctx: OpContext, args, kwargs, out):
     for lab in (lb[1], lb[2]):
         ctx.mark(lab, STRUCTURE)
         ctx.mark(lab, EXPERT_LOCAL)
+        # The kernel wants 16-byte aligned strides: a width shared by all experts (a hidden size,
+        # an input projection's outputs) keeps a multiple of 8 positions (see feasible_removal);
+        # per-expert widths are padded to one by ragged_width.
+        ctx.mark(lab, ALIGNED)
     tracker.expert_product(ctx, lb[0], tracker.tag_of(offs), offs)
     return [None, lb[2]]
 
@@ -390,7 +394,8 @@ class _GroupEdit:
             for _ in range(n):
                 groups.append(replace(g, index=len(groups), prunable=not reason, reason=reason, layer=layer,
                                       num_params=(g.num_params + int(extra[g.index])) // n,
-                                      exact=True if g.kind == "expert" else g.exact))
+                                      exact=True if g.kind == "expert" else g.exact,
+                                      kept_multiple=1 if n > 1 else g.kept_multiple))
         merged = merged_into >= 0
         new_id[merged] = new_id[merged_into[merged]]
         slices: list[GroupSlice] = []
