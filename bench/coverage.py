@@ -348,10 +348,16 @@ def reload_one(path: str) -> dict[str, Any]:
 
     ref = torch.load(os.path.join(path, "reference.pt"))
     with open(os.path.join(path, "config.json")) as f:
-        auto = next(iter(json.load(f)["auto_map"]))
+        config = json.load(f)
+    # A model whose new sizes a standard config can state is saved without auto_map or remote code
+    # (every layer kept the same counts): then its own class must load it.
+    if "auto_map" in config:
+        auto = next(iter(config["auto_map"]))
+        plain = lambda: getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)  # noqa: E731
+    else:
+        plain = lambda: getattr(transformers, config["architectures"][0]).from_pretrained(path)  # noqa: E731
     worst = 0.0
-    for load in (lambda: getattr(transformers, auto).from_pretrained(path, trust_remote_code=True),
-                 lambda: hf_oto.from_pretrained(path)):
+    for load in (plain, lambda: hf_oto.from_pretrained(path)):
         worst = max(worst, max_relative_difference(ref["outputs"], _run(load(), ref["inputs"])))
     return {"reload": "yes" if worst == 0.0 else f"no: outputs differ by {worst:.1e}"}
 
