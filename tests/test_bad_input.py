@@ -55,6 +55,45 @@ def test_hard_coded_size_marks_dimension_unprunable_with_reason():
     assert any("holds it in no attribute" in g.reason for g in hidden)
 
 
+class SizedByAnotherWidth(nn.Module):
+    """Views its output by its input's width (as Transformers' grouped-mm experts do with
+    ``hidden_states.size(-1)``): two widths that shrink by neurons of their own must stay equal."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Linear(6, 16)
+        self.mid = nn.Linear(16, 16)
+        self.proj_out = nn.Linear(16, 3)
+        self.other = nn.Linear(6, 8)
+        self.other_out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.proj_in(x)
+        y = self.mid(torch.relu(h))
+        y = y.view(x.shape[0], 1, h.size(-1)).sum(1)
+        return self.proj_out(torch.relu(y)) + self.other_out(torch.relu(self.other(x)))
+
+
+def test_a_width_sized_by_another_width_stays_with_it():
+    """Both widths stay, with the analysis's reason, and what remains compresses exactly. Without
+    the rule the view's width was bound to an attribute of the same value; here compress's dry run
+    caught the failure, in Muse Spark's experts nothing did and compress refused the model."""
+    torch.manual_seed(0)
+    model, inputs = SizedByAnotherWidth().eval(), (torch.randn(2, 6),)
+    groups = find_groups(model, inputs)
+    stuck = [g for g in groups if not g.prunable and "by another one's size" in g.reason]
+    assert len(stuck) == 32                                   # 16 + 16 positions
+    free = [g for g in groups if g.prunable]
+    assert len(free) == 8                                      # the unrelated branch's neurons
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    mask[[g.index for g in free[:3]]] = True
+    with torch.no_grad():
+        groups.zero_(groups.parameters(model), mask)
+    before = model(*inputs)
+    small = compress(model, groups)
+    assert small.other.out_features == 5 and torch.allclose(small(*inputs), before, atol=1e-6)
+
+
 class HeadsByAttribute(nn.Module):
     """Attention that writes the head count from an attribute instead of inferring it."""
 

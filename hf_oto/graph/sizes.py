@@ -112,6 +112,15 @@ def bind_sizes(trace: TraceResult, structural: np.ndarray, roots: np.ndarray, fr
         deps = {k for k in depends_on(site.expr) if not _NEVER_A_SIZE.match(k[1])}
         if site.expr is not None and _follows(dims, site):
             continue  # computed from the sizes of tensors that shrink with it
+        others = _separate_sizes(dims, site) if not deps else []
+        if others:
+            # The size of another dimension, which shrinks by structures of its own: no attribute
+            # can carry it (``out.view(tokens, top_k, hidden_states.size(-1))`` shaping the
+            # experts' output by their input's width). Both stay, or the view breaks.
+            reason = f"module '{site.module or '<root>'}' sizes this dimension ({site.op}) by another one's size"
+            for labels in [site.labels, *others]:
+                trace.atoms.flag(labels, UNPRUNABLE, reason)
+            continue
         found = _solve_site(dims, site, deps, fixed_alone) if deps else _match_by_value(trace, site)
         if not found:
             trace.atoms.flag(site.labels, UNPRUNABLE, f"module '{site.module or '<root>'}' {_unbound(site, deps)}")
@@ -120,6 +129,19 @@ def bind_sizes(trace: TraceResult, structural: np.ndarray, roots: np.ndarray, fr
     _check_consistency(dims, bound)
     _keep_fixed_sizes(dims, bound, structural)
     return bound
+
+
+def _separate_sizes(dims: _Dims, site: SizeSite) -> list[np.ndarray]:
+    """Labels of the tensor sizes ``site``'s literal reads that can shrink and share no structure
+    with the dimension it sizes (empty when there is none)."""
+    own = set(dims.free(site.labels).tolist())
+    out = []
+    for k in sizes_in(site.expr):
+        labels = dims.trace.size_labels[k]
+        free = set(dims.free(labels).tolist())
+        if free and not free & own:
+            out.append(labels)
+    return out
 
 
 def _unbound(site: SizeSite, deps: set[AttrKey]) -> str:
