@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=None, help="run only rows whose name contains one of these")
     p.add_argument("--criteria", nargs="+", default=[OLD_SALIENCY, NEW_SALIENCY],
                    help="group-selection criteria of the hf_oto HESSO/DHSPG rows (oto_saliency names)")
-    p.add_argument("--schedules", nargs="+", default=["linear", "cubic"], choices=list(PRUNING_SCHEDULES),
+    p.add_argument("--schedules", nargs="+", default=list(PRUNING_SCHEDULES), choices=list(PRUNING_SCHEDULES),
                    help="pruning schedules: each other than linear adds a HESSO row with the default criterion")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: each task's own)")
     p.add_argument("--pruning_periods", type=int, default=None, help="pruning periods (default 10)")

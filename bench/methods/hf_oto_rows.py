@@ -19,7 +19,7 @@ from torch import nn
 from hf_oto import compress, find_groups
 from hf_oto.optim import create_oto_optimizer
 from hf_oto.optim.factory import METHODS
-from hf_oto.optim.selection import SelectionConfig
+from hf_oto.optim.selection import PRUNING_SCHEDULES, SelectionConfig
 
 from .base import Method, RunContext, decay_parameter_groups
 from .targets import FlopsTarget
@@ -95,7 +95,7 @@ class HfOto(Method):
 
 
 def hf_oto_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY),
-                schedules: tuple[str, ...] = ("linear", "cubic")) -> list[Method]:
+                schedules: tuple[str, ...] = PRUNING_SCHEDULES) -> list[Method]:
     """HESSO and DHSPG with each criterion, HESSO with the default criterion and each other
     ``pruning_schedule`` (``cubic``: most of the target in the first periods), HESSO with the default
     criterion and layer-uniform selection (issue 15: what uniformity costs at equal FLOPs), HSPG

@@ -66,8 +66,8 @@ def create_oto_optimizer(
             ``target_group_sparsity``),
             ``group_divisible``, ``uniform_layers`` (every layer of a family keeps the same count, so
             the compressed model has a standard config), ``pruning_schedule`` (``"linear"`` or
-            ``"cubic"``: how the target is spread over the periods); and ``example_inputs`` for counting FLOPs (default: those
-            ``find_groups`` traced).
+            ``"cubic"``: how the target is spread over the periods); and ``example_inputs`` for
+            counting FLOPs (default: those ``find_groups`` traced).
 
     The schedule follows the optimizer's own step counter, so a learning-rate scheduler can change
     ``param_group["lr"]`` freely.

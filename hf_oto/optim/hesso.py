@@ -80,10 +80,11 @@ class HESSO(WindowedPruning):
       raw gradients, ``"mixed"`` the published mix of :func:`importance_scores`) and the least
       important of the remaining prunable groups become redundant, so that by the end of period p
       the cumulative count is ``floor(K * (p + 1) / P)``, K = ``floor(target_group_sparsity *
-      num_prunable)`` (with ``pruning_schedule="cubic"``, ``floor(K * (1 - (1 - (p + 1)/P)^3))``). During a period of L steps a redundant group gets its base step and is then
-      multiplied by ``(L - t - 2)/(L - t - 1)`` (t = 0, 1, ...: the step inside the period), so its
-      size shrinks linearly to exactly zero at step ``t = L - 2`` (at once when L = 1), when it is
-      frozen; the period's last step trains the remaining groups with the new zeros in place;
+      num_prunable)`` (with ``pruning_schedule="cubic"``, ``floor(K * (1 - (1 - (p + 1)/P)^3))``).
+      During a period of L steps a redundant group gets its base step and is then multiplied by
+      ``(L - t - 2)/(L - t - 1)`` (t = 0, 1, ...: the step inside the period), so its size shrinks
+      linearly to exactly zero at step ``t = L - 2`` (at once when L = 1), when it is frozen; the
+      period's last step trains the remaining groups with the new zeros in place;
     - afterwards: the base optimizer on the remaining groups; the K frozen groups stay exactly zero.
 
     No selection empties a layer (``compress`` keeps one group per dimension anyway), so at the end

@@ -114,9 +114,7 @@ class SelectionConfig(JsonConfigMixin):
             raise ValueError(f"group_divisible must be an integer >= 1, got {self.group_divisible!r}")
         if not isinstance(self.uniform_layers, bool):
             raise ValueError(f"uniform_layers must be True or False, got {self.uniform_layers!r}")
-        if self.pruning_schedule not in PRUNING_SCHEDULES:
-            raise ValueError(f"unknown pruning_schedule {self.pruning_schedule!r}; choose from "
-                             f"{', '.join(PRUNING_SCHEDULES)}")
+        check_schedule(self.pruning_schedule)
 
     @property
     def bundled(self) -> bool:
@@ -299,6 +297,12 @@ class GroupSelector:
         return order, sizes.cumsum(0), cst[bundle_order]
 
 
+def check_schedule(schedule: str) -> None:
+    """ValueError naming the choices when ``schedule`` is not a pruning schedule."""
+    if schedule not in PRUNING_SCHEDULES:
+        raise ValueError(f"unknown pruning_schedule {schedule!r}; choose from {', '.join(PRUNING_SCHEDULES)}")
+
+
 def schedule_fraction(schedule: str, period: int, periods: int) -> float:
     """Share of the whole target removed by the end of ``period`` (0-based) of ``periods``.
 
@@ -310,8 +314,7 @@ def schedule_fraction(schedule: str, period: int, periods: int) -> float:
         >>> [round(schedule_fraction("cubic", p, 4), 3) for p in range(4)]
         [0.578, 0.875, 0.984, 1.0]
     """
-    if schedule not in PRUNING_SCHEDULES:
-        raise ValueError(f"unknown pruning_schedule {schedule!r}; choose from {', '.join(PRUNING_SCHEDULES)}")
+    check_schedule(schedule)
     done = (period + 1) / periods
     return done if schedule == "linear" else 1.0 - (1.0 - done) ** 3
 
