@@ -6,6 +6,7 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -108,7 +109,7 @@ def measure_latency(*models: nn.Module, inputs: Any, repeats: int = 20, warmup: 
 def _to_cpu(inputs: Any) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs.cpu()
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):  # a BatchEncoding too
         return {k: _to_cpu(v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to_cpu(v) for v in inputs)

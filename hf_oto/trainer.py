@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from .hub import CompressionReport, build_model_card, push_folder
 from .measure import CompressionEstimator, count_flops, measure_latency, num_parameters
 from .methods import CompressionMethod, TrainingSettings, get_method
 from .plots import save_plots, training_curve
+from .precision import own_forward
 from .training_args import OTOTrainingArguments
 
 #: The optimizer's pruning-schedule state in an FSDP checkpoint (accelerate saves torch's part only).
@@ -177,8 +179,8 @@ class OTOTrainer(Trainer):
             if not os.path.isfile(path):
                 raise ValueError(f"oto_example_inputs must be 'first_batch' or a file, got {path!r}")
             source = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(source, dict):
-            return self._prepare_inputs(source)
+        if isinstance(source, Mapping):
+            return self._prepare_inputs(dict(source))
         return source
 
     def _check_columns(self, batch: dict[str, Any]) -> None:
@@ -198,7 +200,7 @@ class OTOTrainer(Trainer):
     def _trace_inputs(self, batch: Any) -> Any:
         """At most two examples of the batch, without labels: the trace and the FLOP counts
         concern the model, not its loss."""
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):  # a tokenizer's collator gives a BatchEncoding, not a dict
             return batch
         batch = {k: v for k, v in batch.items() if k not in self.label_names and k != "labels"}
         size = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
@@ -221,7 +223,7 @@ class OTOTrainer(Trainer):
         """Trainer multiplies the loss by the number of processes whenever the model accepts loss
         kwargs, assuming it divides by the global item count; models that average their own loss
         (classification, vision) then train with a world-size-times larger gradient. Ask the model."""
-        if not (self.model_accepts_loss_kwargs and isinstance(batch, dict) and "labels" in batch):
+        if not (self.model_accepts_loss_kwargs and isinstance(batch, Mapping) and "labels" in batch):
             return
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -302,15 +304,18 @@ class OTOTrainer(Trainer):
         if self._oto_sharded:
             self._oto_finish_sharded(model, removed)
             return
-        small = self.oto_method.finalize(model, groups)
-        if self.oto_method.removed_groups is not None:  # it removed groups that were not zero
-            removed = self.oto_method.removed_groups
-        self.compressed_model = small
-        self.oto_report = self._oto_build_report(model, small, removed)
-        if self.eval_dataset is not None and self.args.oto_check_compressed:
-            self._check_compressed_metrics()
-        if self.args.oto_post_quantize is not None:
-            self._post_quantize(self._oto_inputs)
+        # In float32 (not through a bf16/fp16 autocast wrapper): compress's exactness check, the
+        # metric check and the latency compare like with like, and the copy gets no wrapper.
+        with own_forward(model):
+            small = self.oto_method.finalize(model, groups)
+            if self.oto_method.removed_groups is not None:  # it removed groups that were not zero
+                removed = self.oto_method.removed_groups
+            self.compressed_model = small
+            self.oto_report = self._oto_build_report(model, small, removed)
+            if self.eval_dataset is not None and self.args.oto_check_compressed:
+                self._check_compressed_metrics()
+            if self.args.oto_post_quantize is not None:
+                self._post_quantize(self._oto_inputs)
         report = self.oto_report
         self.log({"compressed_params": report.params_after, "compressed_flops": report.flops_after})
 
@@ -573,7 +578,7 @@ def _dataset_names(dataset: Any) -> list[str]:
 
 
 def _describe(inputs: Any) -> str:
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
     return ""
 

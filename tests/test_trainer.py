@@ -268,6 +268,57 @@ def test_group_sparsity_reaches_the_target_and_compresses_exactly(tmp_path, meth
     assert logged[-1]["kept_params"] == report.params_after
 
 
+def test_mixed_precision_training_compresses_in_float32(tmp_path):
+    # With bf16 (or fp16) accelerate replaces model.forward by an autocast wrapper. Compressing
+    # through it compared two bf16 forward passes whose roundings differ (0.7% on MiniLM, 3% on a
+    # GPU): the exactness check failed. The small model must not inherit the wrapper either.
+    data = qa_data()
+    model = qa_model()
+    trainer = OTOTrainer(model=model, args=_oto_args(tmp_path, "hesso", bf16=True), train_dataset=data,
+                         eval_dataset=data)
+    trainer.train()
+    assert "_original_forward" in model.__dict__, "the sparse model keeps its mixed-precision forward"
+    small = trainer.compressed_model
+    assert "forward" not in small.__dict__ and "_original_forward" not in small.__dict__
+    assert report_metrics_equal(trainer.oto_report)
+    inputs = trainer.oto_groups.example_inputs
+    plain = type(model).forward.__get__(model)
+    with torch.no_grad():
+        model.eval()
+        expected = plain(**inputs)
+        small.eval()
+        got = small(**inputs)
+    assert max_relative_difference([expected.start_logits, expected.end_logits],
+                                   [got.start_logits, got.end_logits]) < 1e-5
+    assert got.start_logits.dtype == torch.float32
+
+
+def test_a_tokenizer_collator_batch_is_traced_as_a_dict_of_two_examples(tmp_path):
+    # With processing_class=tokenizer the Trainer collates BatchEncoding objects (a Mapping, not a
+    # dict): they were traced whole, labels included, reported without their shapes, and left on
+    # the GPU when the latency was measured on CPU (a device error after training on a GPU).
+    from transformers import BatchEncoding, default_data_collator
+
+    from hf_oto.measure import _to_cpu
+
+    data = qa_data()
+    trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path, "hesso", oto_measure_latency=True),
+                         train_dataset=data, eval_dataset=data,
+                         data_collator=lambda features: BatchEncoding(default_data_collator(features)))
+    trainer.train()
+    inputs = trainer.oto_groups.example_inputs
+    assert type(inputs) is dict and sorted(inputs) == ["attention_mask", "input_ids"]
+    assert inputs["input_ids"].shape[0] == 2
+    assert trainer.oto_report.flops_inputs == "input_ids [2, 16], attention_mask [2, 16]"
+    assert trainer.oto_report.latency_after_s > 0
+    moved = _to_cpu(BatchEncoding({"input_ids": torch.ones(2, 3, dtype=torch.long)}))
+    assert type(moved) is dict and moved["input_ids"].device.type == "cpu"
+
+
+def report_metrics_equal(report) -> bool:
+    return bool(report.metrics["sparse"]) and report.metrics["sparse"] == report.metrics["compressed"]
+
+
 def _final_params(trainer):
     return {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
 
