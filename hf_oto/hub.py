@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .plots import LAYERS_PNG, TRAINING_PNG
+
+if TYPE_CHECKING:  # the report only reads groups; hub stays importable without the graph layer
+    from .groups import ZeroInvariantGroups
 
 # Model class suffix -> (pipeline task of the model-index, the Auto class that loads it)
 _TASKS = [
@@ -238,6 +243,32 @@ def _export_lines(report: CompressionReport, auto: str, repo_or_path: str) -> li
         'torch.onnx.export(model, (), kwargs=inputs, f="model.onnx", dynamo=True)',
         "```",
     ]
+
+
+def dataset_names(dataset: Any) -> list[str]:
+    """The name a ``datasets.Dataset`` was loaded under, for the card's metadata (none if unknown)."""
+    info = getattr(dataset, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    return [name] if name else []
+
+
+def describe_inputs(inputs: Any) -> str:
+    """``"input_ids [2, 16], ..."``: the inputs the FLOPs were counted on."""
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+    return ""
+
+
+def layer_table(groups: ZeroInvariantGroups, removed: torch.Tensor) -> list[dict[str, Any]]:
+    """Per layer and kind of group: how many prunable groups it had and how many were removed."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for g in groups:
+        if not g.prunable and not removed[g.index]:
+            continue
+        row = rows.setdefault((g.layer, g.kind), {"layer": g.layer, "kind": g.kind, "total": 0, "removed": 0})
+        row["total"] += 1
+        row["removed"] += int(removed[g.index])
+    return list(rows.values())
 
 
 def push_folder(

@@ -13,7 +13,7 @@ from hf_oto import OTOTrainer, OTOTrainingArguments, find_groups
 from hf_oto.hub import CompressionReport, build_model_card
 from hf_oto.plots import LAYERS_PNG, TRAINING_PNG, plot_layers, plot_training, save_plots, training_curve
 from hf_oto.testing.zoo import build
-from hf_oto.trainer import _layer_table
+from hf_oto.hub import layer_table
 
 pytest.importorskip("matplotlib")
 
@@ -71,7 +71,7 @@ def test_layer_plot_counts_equal_the_groups_counts():
     removed = torch.zeros(len(groups), dtype=torch.bool)
     prunable = torch.nonzero(groups.prunable_mask).flatten()
     removed[prunable[::3]] = True  # every third prunable group
-    fig = plot_layers(_layer_table(groups, removed))
+    fig = plot_layers(layer_table(groups, removed))
 
     expected: dict[str, dict[str, list[int]]] = {}  # kind -> layer -> [kept, removed], from the groups alone
     for g in groups:

@@ -315,6 +315,28 @@ def test_a_tokenizer_collator_batch_is_traced_as_a_dict_of_two_examples(tmp_path
     assert type(moved) is dict and moved["input_ids"].device.type == "cpu"
 
 
+def test_unaligned_widths_are_reported_and_aligned_training_avoids_them(tmp_path, caplog):
+    from hf_oto.measure import unaligned_widths
+
+    data = qa_data()
+    with caplog.at_level("WARNING", logger="hf_oto.trainer"):
+        trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "a", "hesso"), train_dataset=data)
+        trainer.train()
+    unaligned = unaligned_widths(trainer.model, trainer.compressed_model)
+    assert unaligned and all(int(w.rsplit("=", 1)[1]) % 8 for w in unaligned)
+    assert f"{len(unaligned)} pruned widths are not multiples of 8" in caplog.text
+    assert "oto_group_divisible=8" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_oto.trainer"):
+        trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "b", "hesso", oto_group_divisible=8),
+                             train_dataset=data)
+        trainer.train()
+    assert trainer.oto_report.num_removed_groups > 0
+    assert unaligned_widths(trainer.model, trainer.compressed_model) == []
+    assert "not multiples of" not in caplog.text
+
+
 def report_metrics_equal(report) -> bool:
     return bool(report.metrics["sparse"]) and report.metrics["sparse"] == report.metrics["compressed"]
 
