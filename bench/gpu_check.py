@@ -2,8 +2,9 @@
 
 BERT-base on a SQuAD subset, at equal steps: dense fine-tuning, hf_oto HESSO and
 prune-then-finetune at half the FLOPs (the bench's own loop and rows, on the GPU); then the GPU
-latency of the compressed model against the dense one in bf16 at batch 1 and batch 32. Sized to
-finish within 10 minutes on one H100 (fp32 weights, TF32 matmuls).
+latency of the compressed model against the dense one in bf16 at batch 1, 32 and 128, kernel by
+kernel and as a CUDA graph. Sized to finish within 10 minutes on one H100 (fp32 weights, TF32
+matmuls).
 
 ``--dry-run`` runs the same code path on CPU in a minute or two: a tiny BERT built from a config
 (MiniLM's tokenizer) and a small QA set written as parquet files in the Hub layout and read with
@@ -16,6 +17,7 @@ bench's hard QA set written in the same Hub layout, instead of BERT-base on SQuA
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -46,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=256)
     p.add_argument("--doc_stride", type=int, default=64)
     p.add_argument("--point", type=float, default=0.5, help="kept-FLOPs target")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("out", "gpu_check"))
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny CPU run of the same code path")
     p.add_argument("--offline", action="store_true",
@@ -115,20 +118,16 @@ def preflight(args: argparse.Namespace) -> None:
                  "It needs a network or the datasets cache, or pass --dataset <folder of parquet files>.")
 
 
-@torch.no_grad()
-def gpu_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 30) -> float:
-    """Median seconds per forward pass in bf16 (CUDA events; wall clock on CPU)."""
-    model.eval()
-    cuda = inputs["input_ids"].is_cuda
+def _timed(call, cuda: bool, repeats: int) -> float:
     times = []
     for i in range(repeats + 5):
         if cuda:
+            torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         else:
             t0 = time.perf_counter()
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
-            model(**inputs)
+        call()
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -138,6 +137,54 @@ def gpu_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats
         if i >= 5:
             times.append(elapsed)
     return statistics.median(times)
+
+
+def _graph_replay(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    """One forward pass captured as a CUDA graph (no kernel-launch cost per replay), or the reason
+    it could not be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            model(**inputs)
+    except Exception as err:  # noqa: BLE001 - any capture failure means: time it eagerly only
+        torch.cuda.synchronize()
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if str(err) else type(err).__name__
+    return graph.replay
+
+
+@torch.no_grad()
+def gpu_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 30) -> dict[str, float | str]:
+    """Median seconds per forward pass of a bf16 copy of ``model``: ``eager`` (CUDA events; wall
+    clock on CPU) and, on a GPU, ``graph`` (replayed as a CUDA graph; or why capture failed).
+
+    The copy's weights are bf16, as a deployed model's are (under autocast every pass would also
+    cast each fp32 weight). Small models at small batches are launch-bound in eager mode: each
+    kernel costs the CPU microseconds whatever its size, so removing structure saves little time
+    until the launches are taken away (the graph replay) or the batch is large.
+    """
+    cuda = inputs["input_ids"].is_cuda
+    model = copy.deepcopy(model).to(torch.bfloat16).eval()
+    result: dict[str, float | str] = {"eager": _timed(lambda: model(**inputs), cuda, repeats)}
+    if cuda:
+        replay = _graph_replay(model, inputs)
+        if not callable(replay) and "attention_mask" in inputs:
+            # Mask preparation may ask the host whether the mask is all ones, which a capture
+            # cannot do; without the mask every model runs the same kernels on the same shapes.
+            inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            error, replay = replay, _graph_replay(model, inputs)
+            if callable(replay):
+                result["graph_note"] = f"captured without attention_mask (with it: {error})"
+        if callable(replay):
+            result["graph"] = _timed(replay, cuda, repeats)
+        else:
+            result["graph_error"] = replay
+    return result
 
 
 def main(argv=None) -> dict:
@@ -159,6 +206,7 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.conv.fp32_precision = "tf32"
 
     from bench.methods import HfOto, PruneThenFinetune
+    from hf_oto.measure import unaligned_widths
     from bench.methods.loop import dense_reference, run
     from bench.tasks import Budget
     from bench.tasks.qa import QATask
@@ -169,33 +217,54 @@ def main(argv=None) -> dict:
                   doc_stride=args.doc_stride, max_train_samples=args.train_samples,
                   max_eval_samples=args.eval_samples, budget=budget)
     print(f"[{time.perf_counter() - started:.0f}s] {task.description}", flush=True)
-    dense, dense_row = dense_reference(task, 0, device=device, cpu_latency=False)
+    dense, dense_row = dense_reference(task, args.seed, device=device, cpu_latency=False)
     print(f"[{time.perf_counter() - started:.0f}s] dense: {dense_row.metrics}", flush=True)
     rows = {"dense": dense_row.to_dict()}
     models = {"dense": dense}
-    for method in (HfOto("hesso"), PruneThenFinetune()):
-        result = run(task, method, 0, args.point, dense, device=device, cpu_latency=False, keep=models)
-        if result.error:
+    # HESSO with every layer keeping a multiple of 8 heads / neurons: the bf16 kernels' alignment.
+    methods = (HfOto("hesso"), HfOto("hesso", group_divisible=8), PruneThenFinetune())
+    required = {methods[0].name, methods[2].name}
+    for method in methods:
+        result = run(task, method, args.seed, args.point, dense, device=device, cpu_latency=False, keep=models)
+        if result.error and method.name in required:
             fail(f"{method.name} failed: {result.error}", code=1)
+        if result.error:  # the aligned row's layers may be too small to keep multiples of 8 (the dry run's are)
+            print(f"[{time.perf_counter() - started:.0f}s] {method.name} skipped: {result.error}", flush=True)
+            continue
         rows[method.name] = result.to_dict()
+        # Widths off a multiple of 8 are what makes a pruned model slow in bf16 on a GPU (docs/gpu.md).
+        rows[method.name]["unaligned_widths"] = unaligned_widths(dense, models[method.name])
         print(f"[{time.perf_counter() - started:.0f}s] {method.name}: {result.metrics}, kept FLOPs "
               f"{result.kept_flops:.3f}, {result.seconds:.0f} s", flush=True)
 
     example = task.dev_tensors
-    latency = {}
-    for batch in (1, 32):
+    latency = {}  # batch -> model -> {"eager": s, "graph": s}
+    for batch in (1, 32, 128):
         inputs = {k: v[:batch].to(device) for k, v in example.items()}
         if len(inputs["input_ids"]) < batch:
             continue
         latency[batch] = {name: gpu_latency(m, inputs, repeats=3 if args.dry_run else 30) for name, m in models.items()}
-    lines = [f"{'model':<34} {'EM':>6} {'F1':>6} {'kept FLOPs':>10} " +
-             " ".join(f"{'lat b' + str(b) + ' (ms)':>13}" for b in latency)]
+    columns = [(b, mode) for b in latency for mode in ("eager", "graph") if "graph" in latency[b]["dense"] or mode == "eager"]
+    lines = [f"{'model':<34} {'EM':>6} {'F1':>6} {'kept FLOPs':>10} {'unaligned':>9} " +
+             " ".join(f"{mode + ' b' + str(b):>10}" for b, mode in columns)]
     for name, row in rows.items():
         lines.append(f"{name:<34} {row['metrics']['exact_match']:>6.2f} {row['metrics']['f1']:>6.2f} "
-                     f"{row['kept_flops']:>10.3f} " + " ".join(f"{latency[b][name] * 1e3:>13.2f}" for b in latency))
-    for b in latency:
-        lines.append(f"bf16 speed-up at batch {b}: " + ", ".join(
-            f"{n} {latency[b]['dense'] / latency[b][n]:.2f}x" for n in models if n != "dense"))
+                     f"{row['kept_flops']:>10.3f} {len(row.get('unaligned_widths', [])):>9} " + " ".join(
+                         f"{latency[b][name][mode] * 1e3:>10.2f}" if mode in latency[b][name] else f"{'-':>10}"
+                         for b, mode in columns))
+    lines.append("unaligned: widths the pruning left off a multiple of 8 (slow bf16 GPU kernels)")
+    lines.append(f"latency in ms per forward pass of a bf16 copy (median of {3 if args.dry_run else 30}); eager: kernel "
+                 "by kernel, graph: replayed as one CUDA graph")
+    for b, mode in columns:
+        lines.append(f"bf16 speed-up, {mode}, batch {b}: " + ", ".join(
+            f"{n} {latency[b]['dense'][mode] / latency[b][n][mode]:.2f}x" for n in models
+            if n != "dense" and mode in latency[b][n]))
+    errors = {f"{n} b{b}": latency[b][n]["graph_error"] for b in latency for n in models
+              if "graph_error" in latency[b][n]}
+    for where, error in errors.items():
+        lines.append(f"CUDA graph capture failed for {where}: {error}")
+    notes = {latency[b][n]["graph_note"] for b in latency for n in models if "graph_note" in latency[b][n]}
+    lines.extend(f"CUDA graph: {note}" for note in sorted(notes))
     table = "\n".join(lines)
     print(table)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Paper-scale check for a machine with one GPU: BERT-base on a SQuAD subset, hf_oto HESSO against
-# prune-then-finetune at equal steps, then compressed vs dense GPU latency in bf16 at batch 1 and
-# 32. Finishes within 10 minutes on one H100 (a hard limit of 9.5 minutes stops it otherwise).
+# prune-then-finetune (and HESSO keeping multiples of 8) at equal steps, then compressed vs dense GPU
+# latency in bf16 at batch 1, 32 and 128, kernel by kernel and as a CUDA graph. Finishes within 10
+# minutes on one H100 (a hard limit of 9.5 minutes stops it otherwise).
 #
 #   bash bench/gpu_check.sh                      # needs a GPU and a network (or the HF caches)
 #   bash bench/gpu_check.sh --dry-run            # the same code path on CPU, tiny model and data

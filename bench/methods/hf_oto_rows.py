@@ -54,6 +54,8 @@ class HfOto(Method):
             tags.append(options["pruning_schedule"])
         if options.get("uniform_layers"):
             tags.append("uniform")
+        if options.get("group_divisible", 1) > 1:
+            tags.append(f"divisible {options['group_divisible']}")
         self.name = f"hf_oto {label}" + (f" [{', '.join(tags)}]" if tags else "")
 
     def available(self) -> str | None:
