@@ -240,6 +240,17 @@ class ZeroInvariantGroups:
     def group_sizes(self) -> torch.Tensor:
         return torch.tensor([g.num_params for g in self.groups], dtype=torch.long)
 
+    def group_widths(self) -> torch.Tensor:
+        """Per group, its width: the positions it holds along one parameter dimension (a head:
+        its head_dim rows of a projection; a neuron, channel or hidden dimension: 1), the least
+        count over the parameters it touches (a fused QKV tensor holds a head three times)."""
+        none = torch.iinfo(torch.long).max
+        width = torch.full((len(self),), none, dtype=torch.long)
+        for _, s in self._param_slices:
+            counts = torch.bincount(s.group[s.group >= 0], minlength=len(self))
+            width = torch.where(counts > 0, torch.minimum(width, counts), width)
+        return torch.where(width == none, torch.ones_like(width), width)
+
     # -- binding to a model --------------------------------------------------------------------
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless ``model`` has every tensor the groups refer to, same shapes."""
@@ -484,12 +495,18 @@ class ZeroInvariantGroups:
         so a chain of layers gets one entry each; ``ZeroInvariantGroup.layer`` (the common prefix
         of all modules involved) would merge a whole MLP or CNN into one.
         """
+        return [layer for layer, _ in self.producing_positions()]
+
+    def producing_positions(self) -> list[tuple[str, int]]:
+        """Per group, its producing layer (:meth:`producing_layers`) and the dim of that layer's
+        tensor the group lies along (-1 where no parameter holds it): a first conv's output
+        channels (dim 0) and the image channels it reads (dim 1) are two different widths."""
         n = max(1, len(self.param_names))
         none = torch.iinfo(torch.long).max
         key = torch.full((len(self),), none, dtype=torch.long)
         for i, s in self._param_slices:
             key.scatter_reduce_(0, s.group, torch.full_like(s.group, s.dim * n + i), reduce="amin")
-        return [self.param_names[v % n].rpartition(".")[0] if v != none else g.layer
+        return [(self.param_names[v % n].rpartition(".")[0], v // n) if v != none else (g.layer, -1)
                 for v, g in zip(key.tolist(), self)]
 
     def layer_blocks(self) -> tuple[torch.Tensor, list[tuple[str, str]]]:

@@ -55,6 +55,11 @@ class OTOTrainingArguments(TrainingArguments):
         default=1,
         metadata={"help": "hesso/dhspg: every layer keeps a multiple of this many heads, neurons or channels "
                           "(8 or 64 suit GPU matmul tiles)."})
+    oto_width_multiple: int = field(
+        default=1,
+        metadata={"help": "hesso/dhspg: every layer keeps a width (a head counts its head_dim) that is a multiple "
+                          "of this; 8 for bf16/fp16 GPU inference (unaligned widths run slower than the dense "
+                          "model there), without constraining 64-wide heads."})
     oto_uniform_layers: bool = field(
         default=False,
         metadata={"help": "hesso/dhspg: every layer of a family (model.layers.*.mlp, ...) keeps the same number of "
@@ -130,6 +135,7 @@ class OTOTrainingArguments(TrainingArguments):
         if selection.unit != "groups" or selection.bundled or selection.pruning_schedule != "linear":
             option = (f"target_kept_{selection.unit}" if selection.unit != "groups" else
                       "oto_group_divisible" if selection.group_divisible > 1 else
+                      "oto_width_multiple" if selection.width_multiple > 1 else
                       "oto_uniform_layers" if selection.uniform_layers else "oto_pruning_schedule")
             if self.oto_method not in _SELECTING_METHODS:
                 raise ValueError(f"{option} applies to oto_method hesso or dhspg, not {self.oto_method!r}")
@@ -165,7 +171,7 @@ class OTOTrainingArguments(TrainingArguments):
         """The :class:`~hf_oto.optim.selection.SelectionConfig` of hesso/dhspg these arguments describe."""
         return SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
                                target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible,
-                               uniform_layers=self.oto_uniform_layers, pruning_schedule=self.oto_pruning_schedule)
+                               width_multiple=self.oto_width_multiple, uniform_layers=self.oto_uniform_layers, pruning_schedule=self.oto_pruning_schedule)
 
     def oto_summary(self) -> dict[str, Any]:
         """The OTO settings, for checkpoints and the model card."""

@@ -1,5 +1,7 @@
 """Which groups HESSO and DHSPG choose: loss-based saliency, FLOPs/parameter targets, aligned counts."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -386,6 +388,56 @@ def test_a_layer_whose_count_is_not_a_multiple_keeps_it_or_goes_to_one():
     assert sorted(kept[kept < total].tolist()) == [4, 4]
 
 
+@pytest.mark.parametrize("name, target", [("bert-qa", dict(target_kept_flops=0.5)),
+                                          ("vgg-bn", dict(target_group_sparsity=0.5)),
+                                          ("llama-gqa", dict(target_kept_params=0.7))])
+def test_width_multiple_aligns_the_kept_widths_not_the_head_counts(name, target):
+    from hf_oto.measure import unaligned_widths
+    from hf_oto.optim.selection import GroupSelector
+
+    model, inputs = build(name)
+    groups = find_groups(model, inputs)
+    selector = GroupSelector(groups, SelectionConfig(width_multiple=8))
+    widths = groups.group_widths()
+    block = selector.block
+    for b in block[block >= 0].unique().tolist():
+        width = int(widths[block == b][0])
+        assert int(selector.block_multiple[b]) == 8 // math.gcd(8, width)
+    model.train()
+    opt = create_oto_optimizer(model, groups, method="hesso", variant="adamw", lr=1e-3, start_pruning_step=2,
+                               pruning_steps=6, pruning_periods=3, width_multiple=8, **target)
+    _train_on_noise(model, opt, inputs, 10)
+    removed = opt.zero_groups() & groups.prunable_mask
+    assert removed.any() and opt.pruning_finished
+    model.eval()
+    before = outputs(model, inputs)
+    small = compress(model, groups)
+    assert relative_difference(before, outputs(small, inputs)) < 1e-5
+    assert unaligned_widths(model, small) == []
+    kept, total = _kept_per_layer(groups, removed)
+    multiple = torch.zeros_like(total)
+    multiple[block[block >= 0]] = selector.block_multiple[block[block >= 0]]
+    touched = (kept < total) & (multiple > 0)
+    assert touched.any() and (kept[touched] % multiple[touched] == 0).all()
+
+
+def test_width_multiple_lets_wide_heads_go_one_by_one():
+    from hf_oto.optim.selection import GroupSelector
+
+    model, inputs = build("bert-qa")             # 6 heads per layer, each at least 8 wide
+    groups = find_groups(model, inputs)
+    heads = torch.tensor([g.kind == "head" for g in groups])
+    assert (groups.group_widths()[heads] % 8 == 0).all()
+    importance = torch.where(heads, torch.zeros(len(groups)), torch.ones(len(groups))).double()
+    none = torch.zeros(len(groups), dtype=torch.bool)
+    by_count = GroupSelector(groups, SelectionConfig(group_divisible=8)).choose(
+        3, importance, torch.zeros(len(groups)), groups.prunable_mask, none)
+    by_width = GroupSelector(groups, SelectionConfig(width_multiple=8)).choose(
+        3, importance, torch.zeros(len(groups)), groups.prunable_mask, none)
+    assert int(by_width.sum()) == 3 and int(by_width[heads].sum()) == 3
+    assert not by_count[heads].any()             # 6 heads cannot keep a multiple of 8: left whole
+
+
 # -- arguments ------------------------------------------------------------------------------------
 
 
@@ -402,6 +454,8 @@ def test_selection_arguments_are_checked_with_clear_errors():
         (dict(target_kept_flops=0.5, target_group_sparsity=0.3), "set one target: target_group_sparsity=0.3"),
         (dict(group_divisible=0), "group_divisible must be an integer >= 1"),
         (dict(group_divisible=2.5), "group_divisible must be an integer >= 1"),
+        (dict(width_multiple=0), "width_multiple must be an integer >= 1"),
+        (dict(target_kept_flops=0.05, width_multiple=64), "or kept by width_multiple=64"),
         (dict(saliency_steps=0), "saliency_steps must be >= 1"),
         (dict(method="hspg", saliency="taylor"), "hspg does not take saliency"),
         (dict(method="hspg", target_kept_flops=0.5), "hspg does not take target_kept_flops"),

@@ -325,11 +325,11 @@ def test_unaligned_widths_are_reported_and_aligned_training_avoids_them(tmp_path
     unaligned = unaligned_widths(trainer.model, trainer.compressed_model)
     assert unaligned and all(int(w.rsplit("=", 1)[1]) % 8 for w in unaligned)
     assert f"{len(unaligned)} pruned widths are not multiples of 8" in caplog.text
-    assert "oto_group_divisible=8" in caplog.text
+    assert "oto_width_multiple=8" in caplog.text
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_oto.trainer"):
-        trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "b", "hesso", oto_group_divisible=8),
+        trainer = OTOTrainer(model=qa_model(), args=_oto_args(tmp_path / "b", "hesso", oto_width_multiple=8),
                              train_dataset=data)
         trainer.train()
     assert trainer.oto_report.num_removed_groups > 0

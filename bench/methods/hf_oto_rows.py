@@ -56,6 +56,8 @@ class HfOto(Method):
             tags.append("uniform")
         if options.get("group_divisible", 1) > 1:
             tags.append(f"divisible {options['group_divisible']}")
+        if options.get("width_multiple", 1) > 1:
+            tags.append(f"width {options['width_multiple']}")
         self.name = f"hf_oto {label}" + (f" [{', '.join(tags)}]" if tags else "")
 
     def available(self) -> str | None:
@@ -100,12 +102,14 @@ def hf_oto_rows(criteria: tuple[str, ...] = (OLD_SALIENCY, NEW_SALIENCY),
                 schedules: tuple[str, ...] = PRUNING_SCHEDULES) -> list[Method]:
     """HESSO and DHSPG with each criterion, HESSO with the default criterion and each other
     ``pruning_schedule`` (``cubic``: most of the target in the first periods), HESSO with the default
-    criterion and layer-uniform selection (issue 15: what uniformity costs at equal FLOPs), HSPG
+    criterion and layer-uniform selection (issue 15: what uniformity costs at equal FLOPs), HESSO
+    with widths in multiples of 8 (what GPU-friendly shapes cost at equal FLOPs), HSPG
     (which has no selection step: its penalty and half-space test decide) once."""
     rows: list[Method] = []
     for method in ("hesso", "dhspg"):
         rows += [HfOto(method, saliency=c) for c in criteria]
     rows += [HfOto("hesso", saliency=NEW_SALIENCY, pruning_schedule=s) for s in schedules if s != "linear"]
     rows.append(HfOto("hesso", saliency=NEW_SALIENCY, uniform_layers=True))
+    rows.append(HfOto("hesso", saliency=NEW_SALIENCY, width_multiple=8))  # GPU-aligned widths: what they cost
     rows.append(HfOto("hspg"))
     return rows

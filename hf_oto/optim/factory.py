@@ -64,7 +64,8 @@ def create_oto_optimizer(
             ``saliency`` (``"taylor_abs"``, ``"taylor"``, ``"fisher"``, ``"mixed"``, ``"magnitude"``),
             ``saliency_steps``, ``target_kept_flops`` or ``target_kept_params`` (instead of
             ``target_group_sparsity``),
-            ``group_divisible``, ``uniform_layers`` (every layer of a family keeps the same count, so
+            ``group_divisible``, ``width_multiple`` (kept widths in multiples of N positions, for
+            GPU kernels), ``uniform_layers`` (every layer of a family keeps the same count, so
             the compressed model has a standard config), ``pruning_schedule`` (``"linear"`` or
             ``"cubic"``: how the target is spread over the periods); and ``example_inputs`` for
             counting FLOPs (default: those ``find_groups`` traced).

@@ -11,8 +11,11 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
    produces) keeps a multiple of N groups: its candidates, least salient first, are cut into
    bundles that each bring the layer's kept count to the next multiple of N below, and a layer
    never goes under N. A layer whose full count is not a multiple of N keeps it, or goes to a
-   multiple of N; one with fewer than N groups is left whole. Without alignment every group is its
-   own bundle. With ``uniform_layers`` a bundle spans a whole *family* (the layers of one kind
+   multiple of N; one with fewer than N groups is left whole. ``width_multiple = W`` aligns the
+   kept *width* instead, in positions of the layer's output (a head counts its head_dim rows): a
+   layer of groups w positions wide keeps a multiple of W / gcd(W, w) groups, so FFN neurons and
+   conv channels go in eights for W = 8 while 64-wide heads go one by one (their widths are
+   aligned whatever their count). Without alignment every group is its own bundle. With ``uniform_layers`` a bundle spans a whole *family* (the layers of one kind
    whose module names differ only in the layer index, ``model.layers.*.mlp.gate_proj``): the
    i-th least salient group (or N groups) of every layer of the family, so that every layer of the
    family keeps the same count, which a standard config can describe.
@@ -31,6 +34,7 @@ of a family).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -65,7 +69,11 @@ class SelectionConfig(JsonConfigMixin):
         target_kept_flops: keep at most this fraction of the forward FLOPs (on the example
             inputs), in (0, 1]; replaces ``target_group_sparsity``.
         target_kept_params: keep at most this fraction of the parameters, in (0, 1].
-        group_divisible: every layer keeps a multiple of this many heads, neurons or channels.
+        group_divisible: every layer keeps a multiple of this many heads, neurons or channels
+            (a head count divisible by a tensor-parallel degree, say).
+        width_multiple: every layer keeps a width (in positions: a head counts its head_dim)
+            that is a multiple of this; 8 gives bf16/fp16 GPU kernels the 16-byte aligned shapes
+            of their fast paths without constraining 64-wide heads. Experts are not widths.
         uniform_layers: every layer of a family (same module name but for the layer index, same
             kind and size) keeps the same number of groups, so that the compressed model fits its
             class's standard config (a GQA head group removes a KV head with its query heads, so
@@ -80,6 +88,8 @@ class SelectionConfig(JsonConfigMixin):
         'flops'
         >>> SelectionConfig(uniform_layers=True).bundled
         True
+        >>> SelectionConfig(width_multiple=8).bundled
+        True
         >>> SelectionConfig(target_kept_flops=0.5, target_kept_params=0.5)
         Traceback (most recent call last):
         ValueError: set one target: target_kept_flops=0.5 and target_kept_params=0.5 conflict
@@ -90,6 +100,7 @@ class SelectionConfig(JsonConfigMixin):
     target_kept_flops: float | None = None
     target_kept_params: float | None = None
     group_divisible: int = 1
+    width_multiple: int = 1
     uniform_layers: bool = False
     pruning_schedule: str = "linear"
 
@@ -109,9 +120,10 @@ class SelectionConfig(JsonConfigMixin):
         if self.target_kept_flops is not None and self.target_kept_params is not None:
             raise ValueError(f"set one target: target_kept_flops={self.target_kept_flops} and "
                              f"target_kept_params={self.target_kept_params} conflict")
-        if isinstance(self.group_divisible, bool) or not isinstance(self.group_divisible, int) \
-                or self.group_divisible < 1:
-            raise ValueError(f"group_divisible must be an integer >= 1, got {self.group_divisible!r}")
+        for name in ("group_divisible", "width_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.uniform_layers, bool):
             raise ValueError(f"uniform_layers must be True or False, got {self.uniform_layers!r}")
         check_schedule(self.pruning_schedule)
@@ -119,7 +131,14 @@ class SelectionConfig(JsonConfigMixin):
     @property
     def bundled(self) -> bool:
         """Whether groups are removed in bundles (aligned counts or uniform layers), not one by one."""
-        return self.group_divisible > 1 or self.uniform_layers
+        return self.group_divisible > 1 or self.width_multiple > 1 or self.uniform_layers
+
+    @property
+    def alignment(self) -> str:
+        """The alignment options set, as the user wrote them (for messages)."""
+        parts = [f"{name}={getattr(self, name)}" for name in ("group_divisible", "width_multiple")
+                 if getattr(self, name) > 1]
+        return ", ".join(parts + (["uniform_layers"] if self.uniform_layers else []))
 
     @property
     def unit(self) -> str:
@@ -157,6 +176,7 @@ class GroupSelector:
         self.unit_of = _families(groups, self.block_total) if config.uniform_layers \
             else torch.arange(self.block_total.numel())
         self.unit_layers = torch.bincount(self.unit_of)
+        self.block_multiple = _block_multiples(groups, self.block, self.block_total.numel(), config)
 
     @property
     def unit(self) -> str:
@@ -250,10 +270,10 @@ class GroupSelector:
         if not self.config.bundled:
             order = cand[_lexsort(ratio[cand], tie[cand])]
             return order, torch.arange(1, order.numel() + 1), cost[order]
-        n = self.config.group_divisible
         blk = self.block[cand]
         inside = cand[_lexsort(blk.double(), ratio[cand], tie[cand])]  # by layer, then ratio, then magnitude
         blk = self.block[inside]
+        n = self.block_multiple[blk]                                          # each layer's own multiple
         first_of = torch.zeros(int(self.block.max()) + 2, dtype=torch.long)
         seg_start = torch.ones(inside.numel(), dtype=torch.bool)
         seg_start[1:] = blk[1:] != blk[:-1]
@@ -264,7 +284,7 @@ class GroupSelector:
         kept = (self.block_total - committed_per_block)[blk]                 # the layer's kept count now
         first = kept - torch.div(kept - 1, n, rounding_mode="floor") * n     # down to the next multiple of n
         index = torch.where(rank < first, torch.zeros_like(rank), 1 + torch.div(rank - first, n, rounding_mode="floor"))
-        size = torch.where(index == 0, first, torch.full_like(first, n))
+        size = torch.where(index == 0, first, n)
         allowed = rank < kept - n                                             # the layer keeps at least n
         # A bundle needs all its groups among the candidates (unprunable members stay), and with
         # uniform layers the same rank in every layer of the family.
@@ -330,27 +350,48 @@ def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
 def _blocks(groups: ZeroInvariantGroups) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer of every prunable group (-1 for the others) and each layer's total group count.
 
-    A layer is the groups of one kind that one module produces (:meth:`producing_layers`), its
-    unprunable groups included: those count toward what the layer keeps."""
-    keys: dict[tuple[str, str], int] = {}
+    A layer is the groups of one kind that one module produces along one dim of its tensor
+    (:meth:`producing_positions`), its unprunable groups included: those count toward what the
+    layer keeps (a first conv's image channels, along the other dim, do not)."""
+    keys: dict[tuple[str, int, str], int] = {}
     layer = []
-    for g, module in zip(groups, groups.producing_layers()):
-        layer.append(keys.setdefault((module, g.kind), len(keys)))
+    for g, (module, dim) in zip(groups, groups.producing_positions()):
+        layer.append(keys.setdefault((module, dim, g.kind), len(keys)))
     layer_t = torch.tensor(layer, dtype=torch.long)
     total = torch.bincount(layer_t, minlength=len(keys))
     return torch.where(groups.prunable_mask, layer_t, torch.full_like(layer_t, -1)), total
 
 
+def _block_multiples(groups: ZeroInvariantGroups, block: torch.Tensor, num_blocks: int,
+                     config: SelectionConfig) -> torch.Tensor:
+    """Per layer (block of :func:`_blocks`), the multiple of groups it keeps: ``group_divisible``
+    and, for ``width_multiple = W``, W / gcd(W, width of its groups) (experts: 1)."""
+    multiple = torch.full((num_blocks,), config.group_divisible, dtype=torch.long)
+    if config.width_multiple == 1 or num_blocks == 0:
+        return multiple
+    widths = groups.group_widths()
+    prunable = block >= 0
+    width = torch.zeros(num_blocks, dtype=torch.long).scatter_reduce_(
+        0, block[prunable], widths[prunable], reduce="amax", include_self=False)
+    is_expert = torch.zeros(num_blocks, dtype=torch.bool)
+    is_expert[block[prunable]] = torch.tensor([g.kind == "expert" for g in groups], dtype=torch.bool)[prunable]
+    for b in range(num_blocks):
+        if not is_expert[b]:
+            by_width = config.width_multiple // math.gcd(config.width_multiple, int(width[b]))
+            multiple[b] = math.lcm(int(multiple[b]), by_width)
+    return multiple
+
+
 def _families(groups: ZeroInvariantGroups, block_total: torch.Tensor) -> torch.Tensor:
     """Per layer (block of :func:`_blocks`), its family: the layers of the same kind and size whose
     producing module names differ only in numeric path parts (``model.layers.3.mlp.up_proj``)."""
-    keys: dict[tuple[str, str], int] = {}
-    for g, module in zip(groups, groups.producing_layers()):
-        keys.setdefault((module, g.kind), len(keys))
-    families: dict[tuple[str, str, int], int] = {}
-    family = [families.setdefault((re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module), kind, int(block_total[i])),
+    keys: dict[tuple[str, int, str], int] = {}
+    for g, (module, dim) in zip(groups, groups.producing_positions()):
+        keys.setdefault((module, dim, g.kind), len(keys))
+    families: dict[tuple[str, int, str, int], int] = {}
+    family = [families.setdefault((re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module), dim, kind, int(block_total[i])),
                                   len(families))
-              for (module, kind), i in keys.items()]
+              for (module, dim, kind), i in keys.items()]
     return torch.tensor(family, dtype=torch.long)
 
 
@@ -361,6 +402,5 @@ def check_reachable(selector: GroupSelector, committed: torch.Tensor, target_rem
         total = selector.total()
         raise ValueError(f"{what} cannot be met: removing every prunable group the layers can give up keeps "
                          f"{(total - most) / total:.4f} of the {selector.unit} (the rest is in layers without "
-                         f"prunable structure, or kept by group_divisible={selector.config.group_divisible}"
-                         f"{', uniform_layers' if selector.config.uniform_layers else ''})")
+                         f"prunable structure, or kept by {selector.config.alignment or 'nothing else'})")
 
