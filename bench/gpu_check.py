@@ -246,7 +246,8 @@ def main(argv=None) -> dict:
         if len(inputs["input_ids"]) < batch:
             continue
         latency[batch] = {name: gpu_latency(m, inputs, repeats=3 if args.dry_run else 30) for name, m in models.items()}
-    columns = [(b, mode) for b in latency for mode in ("eager", "graph") if "graph" in latency[b]["dense"] or mode == "eager"]
+    columns = [(b, mode) for b in latency for mode in ("eager", "graph")
+               if mode == "eager" or "graph" in latency[b]["dense"]]
     lines = [f"{'model':<34} {'EM':>6} {'F1':>6} {'kept FLOPs':>10} {'unaligned':>9} " +
              " ".join(f"{mode + ' b' + str(b):>10}" for b, mode in columns)]
     for name, row in rows.items():

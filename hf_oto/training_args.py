@@ -171,7 +171,8 @@ class OTOTrainingArguments(TrainingArguments):
         """The :class:`~hf_oto.optim.selection.SelectionConfig` of hesso/dhspg these arguments describe."""
         return SelectionConfig(saliency=self.oto_saliency, target_kept_flops=self.target_kept_flops,
                                target_kept_params=self.target_kept_params, group_divisible=self.oto_group_divisible,
-                               width_multiple=self.oto_width_multiple, uniform_layers=self.oto_uniform_layers, pruning_schedule=self.oto_pruning_schedule)
+                               width_multiple=self.oto_width_multiple, uniform_layers=self.oto_uniform_layers,
+                               pruning_schedule=self.oto_pruning_schedule)
 
     def oto_summary(self) -> dict[str, Any]:
         """The OTO settings, for checkpoints and the model card."""

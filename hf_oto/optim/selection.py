@@ -15,8 +15,9 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
    kept *width* instead, in positions of the layer's output (a head counts its head_dim rows): a
    layer of groups w positions wide keeps a multiple of W / gcd(W, w) groups, so FFN neurons and
    conv channels go in eights for W = 8 while 64-wide heads go one by one (their widths are
-   aligned whatever their count). Without alignment every group is its own bundle. With ``uniform_layers`` a bundle spans a whole *family* (the layers of one kind
-   whose module names differ only in the layer index, ``model.layers.*.mlp.gate_proj``): the
+   aligned whatever their count). Without alignment every group is its own bundle. With
+   ``uniform_layers`` a bundle spans a whole *family* (the layers of one kind whose module
+   names differ only in the layer index, ``model.layers.*.mlp.gate_proj``): the
    i-th least salient group (or N groups) of every layer of the family, so that every layer of the
    family keeps the same count, which a standard config can describe.
 3. **Greedy by saliency per unit of cost.** Bundles are ranked by summed saliency over summed cost
