@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Paper-scale check for a machine with one GPU: BERT-base on a SQuAD subset, hf_oto HESSO against
-# prune-then-finetune (and HESSO with aligned widths) at equal steps, then compressed vs dense GPU
+# prune-then-finetune (and HESSO with widths in multiples of 8) at equal steps, then compressed vs dense GPU
 # latency in bf16 at batch 1, 32 and 128, kernel by kernel and as a CUDA graph. Finishes within 10
 # minutes on one H100 (a hard limit of 9.5 minutes stops it otherwise).
 #
