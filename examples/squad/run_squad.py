@@ -85,7 +85,8 @@ class SquadTrainingArguments(OTOTrainingArguments):
     output_dir: str | None = field(default="out/squad", metadata={"help": "Where checkpoints and results go."})
     oto_method: str = field(default="hesso", metadata={"help": OTOTrainingArguments.__dataclass_fields__[
         "oto_method"].metadata["help"]})
-    target_group_sparsity: float = field(default=0.5, metadata={"help": "Fraction of prunable groups to remove."})
+    target_group_sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of prunable groups to remove (0.5 unless --target_kept_flops/--target_kept_params is set)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
     num_train_epochs: float = field(default=1.5, metadata={"help": "Training epochs."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device (training)."})
