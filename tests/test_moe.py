@@ -212,3 +212,42 @@ def test_widths_grouped_mm_reads_keep_a_multiple_of_8(name):
     small = compress(model, groups)  # raises if the outputs differ
     assert small.get_input_embeddings().weight.shape[1] == width - 8
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) < 1e-5
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_a_flops_target_plans_the_aligned_widths_grouped_mm_reads(name):
+    """With a FLOPs target the selection keeps the residual width a multiple of 8 itself, so
+    compress keeps no zero group beyond the plan and the target holds (it used to land up to 7
+    hidden dims above it)."""
+    from hf_oto.measure import count_flops
+    from hf_oto.optim import create_oto_optimizer
+    from hf_oto.optim.selection import GroupSelector, SelectionConfig
+
+    from hf_oto.costs import GroupCosts
+
+    model, inputs = _build(name, "grouped_mm")
+    # Only the residual width prunable: the target has to come from it.
+    groups = find_groups(model, inputs, GroupConfig(prune_hidden=True, prune_heads=False, prune_neurons=False))
+    hidden = torch.tensor([g.kind == "hidden" and g.prunable for g in groups])
+    assert bool((hidden == groups.prunable_mask).all())
+
+    costs = GroupCosts.measure(model, groups, inputs, units=("flops",))
+    selector = GroupSelector(groups, SelectionConfig(target_kept_flops=0.6), costs)
+    if hasattr(selector, "bundled"):
+        assert selector.bundled and int(selector.block_multiple[selector.block[hidden][0]]) == 8
+        assert not GroupSelector(groups, SelectionConfig()).bundled  # a group target stays exact
+    model.train()
+    opt = create_oto_optimizer(model, groups, method="hesso", variant="adamw", lr=1e-3, start_pruning_step=2,
+                               pruning_steps=6, pruning_periods=3, target_kept_flops=0.6, saliency="magnitude")
+    for _ in range(10):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    removed = opt.zero_groups() & groups.prunable_mask
+    assert bool((removed & hidden).any()) and opt.pruning_finished
+    assert torch.equal(groups.feasible_removal(removed), removed)  # nothing kept beyond the plan
+    assert int((removed & hidden).sum()) % 8 == 0
+    model.eval()
+    small = compress(model, groups)
+    assert count_flops(small, inputs) <= 0.6 * count_flops(model, inputs) + 1e-6
+    assert relative_difference(outputs(model, inputs), outputs(small, inputs)) < 1e-5

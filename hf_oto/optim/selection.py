@@ -177,7 +177,12 @@ class GroupSelector:
         self.unit_of = _families(groups, self.block_total) if config.uniform_layers \
             else torch.arange(self.block_total.numel())
         self.unit_layers = torch.bincount(self.unit_of)
-        self.block_multiple = _block_multiples(groups, self.block, self.block_total.numel(), config)
+        # A cost target is met from below by at most a bundle: there the widths a kernel reads as
+        # aligned strides (kept_multiple, the experts' grouped_mm) are planned for too, where
+        # compress would otherwise keep zero groups beyond the plan and land above the target.
+        self.block_multiple = _block_multiples(groups, self.block, self.block_total.numel(), config,
+                                               kernel_alignment=config.unit != "groups")
+        self.bundled = config.bundled or bool((self.block_multiple > 1).any())
 
     @property
     def unit(self) -> str:
@@ -244,7 +249,7 @@ class GroupSelector:
             fit = (alive & (bundle_cost <= deficit + slack)).nonzero().flatten()
             if fit.numel() == 0:
                 break
-            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.config.bundled \
+            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.bundled \
                 else order[fit]
             bounds = (ends[fit] - starts[fit]).cumsum(0)
             removed = self._removed_prefixes(groups_in, committed | chosen)[bounds]
@@ -268,7 +273,7 @@ class GroupSelector:
         """Candidates in removal order, cut into bundles: ``(order, bundle ends, bundle costs)``."""
         cand = candidates.nonzero().flatten()
         ratio = importance / cost.clamp_min(1e-12 * max(float(cost.max()), 1e-30))
-        if not self.config.bundled:
+        if not self.bundled:
             order = cand[_lexsort(ratio[cand], tie[cand])]
             return order, torch.arange(1, order.numel() + 1), cost[order]
         blk = self.block[cand]
@@ -364,22 +369,29 @@ def _blocks(groups: ZeroInvariantGroups) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_multiples(groups: ZeroInvariantGroups, block: torch.Tensor, num_blocks: int,
-                     config: SelectionConfig) -> torch.Tensor:
-    """Per layer (block of :func:`_blocks`), the multiple of groups it keeps: ``group_divisible``
-    and, for ``width_multiple = W``, W / gcd(W, width of its groups) (experts: 1)."""
+                     config: SelectionConfig, kernel_alignment: bool = False) -> torch.Tensor:
+    """Per layer (block of :func:`_blocks`), the multiple of groups it keeps: ``group_divisible``;
+    for ``width_multiple = W``, W / gcd(W, width of its groups) (experts: 1); with
+    ``kernel_alignment``, likewise for the groups' own ``kept_multiple`` (in positions)."""
     multiple = torch.full((num_blocks,), config.group_divisible, dtype=torch.long)
-    if config.width_multiple == 1 or num_blocks == 0:
+    prunable = block >= 0
+    kept = torch.tensor([g.kept_multiple for g in groups], dtype=torch.long)
+    needs_kernel = kernel_alignment and bool((kept[prunable] > 1).any())
+    if (config.width_multiple == 1 and not needs_kernel) or num_blocks == 0:
         return multiple
     widths = groups.group_widths()
-    prunable = block >= 0
     width = torch.zeros(num_blocks, dtype=torch.long).scatter_reduce_(
         0, block[prunable], widths[prunable], reduce="amax", include_self=False)
+    kernel = torch.ones(num_blocks, dtype=torch.long).scatter_reduce_(
+        0, block[prunable], kept[prunable], reduce="amax", include_self=True)
     is_expert = torch.zeros(num_blocks, dtype=torch.bool)
     is_expert[block[prunable]] = torch.tensor([g.kind == "expert" for g in groups], dtype=torch.bool)[prunable]
     for b in range(num_blocks):
+        wanted = [int(kernel[b])] if needs_kernel else []
         if not is_expert[b]:
-            by_width = config.width_multiple // math.gcd(config.width_multiple, int(width[b]))
-            multiple[b] = math.lcm(int(multiple[b]), by_width)
+            wanted.append(config.width_multiple)
+        for positions in wanted:
+            multiple[b] = math.lcm(int(multiple[b]), positions // math.gcd(positions, int(width[b])))
     return multiple
 
 
