@@ -99,3 +99,36 @@ def test_reloaded_weights_own_aligned_memory(saved):
     again = hf_oto.from_pretrained(path)
     tensors = list(again.parameters()) + list(again.buffers())
     assert all(t.data_ptr() % 64 == 0 for t in tensors if t.numel())
+
+
+def test_a_mode_the_model_switched_to_while_running_is_saved_in_its_config(tmp_path):
+    # BigBird switches block-sparse attention to full attention on short inputs, building the new
+    # attention from the config: a reload from the original config rebuilt full-size attention
+    # (a shape error on the first forward pass).
+    import torch
+    from transformers import BigBirdConfig, BigBirdForMaskedLM
+
+    from hf_oto.compress.manifest import record_mode_switches
+
+    torch.manual_seed(0)
+    config = BigBirdConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128, block_size=4, num_random_blocks=2)
+    model = BigBirdForMaskedLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 12))}
+    model(**inputs)                                         # 12 tokens: too short, switches to full attention
+    assert model.bert.attention_type == "original_full" and config.attention_type == "block_sparse"
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.4)
+    small = compress(model, groups)
+    assert small.config.attention_type == "original_full" and record_mode_switches(small) == {}
+    assert model.config.attention_type == "block_sparse"    # the sparse model's config is left alone
+    small.save_pretrained(tmp_path / "small")
+    again = hf_oto.from_pretrained(tmp_path / "small")
+    assert relative_difference(outputs(small, inputs), outputs(again, inputs)) == 0.0
+
+
+def test_models_that_switch_nothing_record_nothing():
+    from hf_oto.compress.manifest import record_mode_switches
+
+    model, _ = build("bert-qa")
+    assert record_mode_switches(model) == {}

@@ -72,8 +72,38 @@ def update_manifest(
     from transformers import PreTrainedModel
 
     if config is not None and isinstance(model, PreTrainedModel):
+        record_mode_switches(model)
         setattr(config, MANIFEST_KEY, manifest)
         model.__class__ = compressed_class(manifest["base_class"])
     else:
         model._hf_oto_manifest = manifest
     return manifest
+
+
+def record_mode_switches(model: nn.Module) -> dict[str, str]:
+    """Write into the config the modes the model switched to while running; returns them.
+
+    A Transformers (sub)model keeps some string settings of its config as attributes
+    (``self.attention_type = config.attention_type``) and may change them at run time, rebuilding
+    layers from the config as it does: BigBird and BigBird-Pegasus switch block-sparse attention to
+    full attention on short inputs. The compressed model was cut in the switched state, so a reload
+    from the original config would build, then switch to, full-size layers. An attribute of a
+    ``PreTrainedModel`` that no longer equals its config's field of the same name is such a switch.
+
+    Example:
+        >>> record_mode_switches(small)            # after BigBird ran on a short input  # doctest: +SKIP
+        {'attention_type': 'original_full'}
+    """
+    from transformers import PreTrainedModel
+
+    switched: dict[str, str] = {}
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if not isinstance(sub, PreTrainedModel) or config is None:
+            continue
+        for key, value in config.to_dict().items():
+            held = sub.__dict__.get(key)
+            if isinstance(value, str) and isinstance(held, str) and held != value:
+                setattr(config, key, held)
+                switched[key] = held
+    return switched
