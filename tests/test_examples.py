@@ -118,14 +118,18 @@ def tiny_qa_model(tmp_path_factory):
     return str(folder)
 
 
+def _tiny_squad_run(model: str, out, *target: str):
+    """run_squad.py on the tiny model and data, 8 steps, with the given target options."""
+    return _script(os.path.join(SQUAD, "run_squad.py"), "--model_name_or_path", model,
+                   "--max_train_samples", "96", "--max_eval_samples", "24", "--max_steps", "8",
+                   "--per_device_train_batch_size", "12", "--learning_rate", "3e-3",
+                   "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
+                   *target, "--output_dir", str(out), cwd=out.parent)
+
+
 def test_run_squad_end_to_end_on_tiny_data(tiny_qa_model, tmp_path):
     out = tmp_path / "out"
-    result = _script(os.path.join(SQUAD, "run_squad.py"), "--model_name_or_path", tiny_qa_model,
-                     "--max_train_samples", "96", "--max_eval_samples", "24", "--max_steps", "8",
-                     "--per_device_train_batch_size", "12", "--learning_rate", "3e-3",
-                     "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
-                     "--target_group_sparsity", "0.4", "--logging_steps", "2", "--output_dir", str(out),
-                     cwd=tmp_path)
+    result = _tiny_squad_run(tiny_qa_model, out, "--target_group_sparsity", "0.4", "--logging_steps", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "exact_match (trained)" in result.stdout and "parameters" in result.stdout
     results = json.loads((out / "results.json").read_text())
@@ -144,12 +148,7 @@ def test_run_squad_end_to_end_on_tiny_data(tiny_qa_model, tmp_path):
 def test_run_squad_takes_a_flops_target_and_aligned_widths(tiny_qa_model, tmp_path):
     # The script's own default group sparsity (0.5) used to conflict with --target_kept_flops.
     out = tmp_path / "out"
-    result = _script(os.path.join(SQUAD, "run_squad.py"), "--model_name_or_path", tiny_qa_model,
-                     "--max_train_samples", "96", "--max_eval_samples", "24", "--max_steps", "8",
-                     "--per_device_train_batch_size", "12", "--learning_rate", "3e-3",
-                     "--oto_pruning_start", "1", "--oto_pruning_end", "5", "--oto_pruning_periods", "2",
-                     "--target_kept_flops", "0.6", "--oto_width_multiple", "8", "--output_dir", str(out),
-                     cwd=tmp_path)
+    result = _tiny_squad_run(tiny_qa_model, out, "--target_kept_flops", "0.6", "--oto_width_multiple", "8")
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     before, after = results["flops"]
