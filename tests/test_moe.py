@@ -251,3 +251,26 @@ def test_a_flops_target_plans_the_aligned_widths_grouped_mm_reads(name):
     small = compress(model, groups)
     assert count_flops(small, inputs) <= 0.6 * count_flops(model, inputs) + 1e-6
     assert relative_difference(outputs(model, inputs), outputs(small, inputs)) < 1e-5
+
+
+def test_expert_edits_keep_input_cuts_on_their_heads():
+    """The MoE pass renumbers groups (router rows merge into their experts); arguments cut per head
+    (ALiBi slopes here) must still name the same heads afterwards, or compress leaves them whole."""
+    import transformers
+
+    from hf_oto.graph.moe_rules import _GroupEdit
+
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2,
+                                                                   n_head=4)).eval()
+    groups = find_groups(model, {"input_ids": torch.randint(1, 64, (2, 8))})
+    assert groups.input_cuts
+    edit = _GroupEdit(groups)
+    edit.merge_kept({0: 1})  # group 0 folds into group 1: every later group moves down by one
+    edited = edit.result([], [])
+    assert len(edited) == len(groups) - 1
+    assert len(edited.input_cuts) == len(groups.input_cuts)
+    for before, after in zip(groups.input_cuts, edited.input_cuts):
+        assert (before.module, before.name, before.dim) == (after.module, after.name, after.dim)
+        assert torch.equal(after.group, before.group - 1)
+        assert all(edited[int(a)].layer == groups[int(b)].layer and edited[int(a)].kind == "head"
+                   for a, b in zip(after.group, before.group))

@@ -432,6 +432,7 @@ class _GroupEdit:
             bindings=[replace(b, group=remap(b.group)) for b in old.bindings + bindings],
             unprunable_tensors=old.unprunable_tensors, unsupported_ops=old.unsupported_ops,
             norm_paddings=[replace(p, group=remap(p.group)) for p in old.norm_paddings],
+            input_cuts=[replace(c, group=remap(c.group)) for c in old.input_cuts],
             expert_routings=[replace(r, group=remap(r.group, new_id)) for r in routings],
             notes=old.notes, model_class=old.model_class)
 
