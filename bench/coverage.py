@@ -159,7 +159,7 @@ def _shrink_int(key: str, value: int, heads0: int | None) -> int | None:
         return HIDDEN
     if _FFN_NAMES.search(key) and value > FFN and "ratio" not in key:
         return FFN
-    if key == "vocab_size" and value > VOCAB:
+    if key in ("vocab_size", "unpadded_vocab_size") and value > VOCAB:  # Inkling 2's lm_head reads the latter
         return VOCAB
     if _POSITION_NAMES.match(key) and value > POSITIONS:
         return POSITIONS

@@ -132,3 +132,34 @@ def test_models_that_switch_nothing_record_nothing():
 
     model, _ = build("bert-qa")
     assert record_mode_switches(model) == {}
+
+
+def test_a_model_type_served_by_another_types_class_reloads(tmp_path):
+    # pp_chart2table runs GotOcr2ForConditionalGeneration with its own PPChart2TableConfig. Loading
+    # the remote code through an Auto class registers the class under the saved config's class,
+    # which Transformers refuses when the class's config_class (GotOcr2Config) is another one.
+    import torch
+    from transformers import GotOcr2ForConditionalGeneration, PPChart2TableConfig
+
+    from hf_oto.compress.modeling_hf_oto import compressed_class
+
+    torch.manual_seed(0)
+    config = PPChart2TableConfig(
+        vision_config=dict(hidden_size=32, output_channels=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=64),
+        text_config=dict(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
+        image_token_index=99)
+    model = GotOcr2ForConditionalGeneration(config).eval()
+    inputs = {"input_ids": torch.randint(0, 99, (2, 9))}
+    groups = find_groups(model, inputs)
+    zero_random_groups(model, groups, 0.4)
+    small = compress(model, groups)
+    assert type(small).config_class is PPChart2TableConfig
+    assert type(small) is compressed_class(type(small).__name__)  # the name saved in auto_map finds it again
+    small.save_pretrained(tmp_path)
+    save_reference(small, inputs, tmp_path)
+    assert reload_in_fresh_process([tmp_path], cwd=tmp_path.parent)[str(tmp_path)]["worst"] == 0.0
+    # A config that is the base class's own keeps the plain name.
+    bert, _ = build("bert-qa")
+    assert compressed_class(type(bert).__name__, type(bert.config).__name__).__name__ == "HfOtoBertForQuestionAnswering"

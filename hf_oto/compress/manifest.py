@@ -74,7 +74,7 @@ def update_manifest(
     if config is not None and isinstance(model, PreTrainedModel):
         record_mode_switches(model)
         setattr(config, MANIFEST_KEY, manifest)
-        model.__class__ = compressed_class(manifest["base_class"])
+        model.__class__ = compressed_class(manifest["base_class"], type(config).__name__)
     else:
         model._hf_oto_manifest = manifest
     return manifest

@@ -248,10 +248,13 @@ def keep_needed_layer_files(folder: str | os.PathLike, manifest: dict[str, Any])
     return needed
 
 
-def _make_class(base_name: str) -> type:
+def _make_class(base_name: str, config_name: str | None = None) -> type:
     base = getattr(transformers, base_name, None)
     if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
         raise AttributeError(f"transformers has no model class named {base_name!r}")
+    config_class = getattr(transformers, config_name, None) if config_name else None
+    if config_name and not (isinstance(config_class, type) and issubclass(config_class, transformers.PretrainedConfig)):
+        raise AttributeError(f"transformers has no config class named {config_name!r}")
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
@@ -297,7 +300,14 @@ def _make_class(base_name: str) -> type:
     # skip the base's checkpoint renamings (``lm_head`` stored as ``model.llm.unembed``) on load
     # only, as the model was saved before its class changed, and leave those weights uninitialised.
     namespace["is_custom_code"] = classmethod(lambda cls: False)
-    cls = type(f"{CLASS_PREFIX}{base_name}", (base,), namespace)
+    name = f"{CLASS_PREFIX}{base_name}"
+    if config_class is not None:
+        # A model type served by another type's class (pp_chart2table by GotOcr2...): an Auto class
+        # loading the remote code registers the class under the saved config's class and refuses
+        # one whose config_class differs, so this class states the config it was compressed with.
+        namespace["config_class"] = config_class
+        name += _CONFIG_SEP + config_name
+    cls = type(name, (base,), namespace)
     cls.__qualname__ = cls.__name__
     _share_checkpoint_conversions(base, cls.__name__)
     return cls
@@ -316,16 +326,27 @@ def _share_checkpoint_conversions(base: type, name: str) -> None:
         register(name, mapping, overwrite=True)
 
 
-_CLASSES: dict[str, type] = {}
+_CLASSES: dict[tuple[str, str | None], type] = {}
+#: Joins the base class and the config class in the name of a class whose config is not its base's.
+_CONFIG_SEP = "__"
 
 
-def compressed_class(base_name: str) -> type:
-    """The ``HfOto<base_name>`` class (created once per process)."""
+def compressed_class(base_name: str, config_name: str | None = None) -> type:
+    """The ``HfOto<base_name>`` class (created once per process); with ``config_name`` (the class
+    name of the model's config) that is not ``base_name``'s own config class,
+    ``HfOto<base_name>__<config_name>``, whose ``config_class`` is that config's class."""
     if base_name.startswith(CLASS_PREFIX):
         base_name = base_name[len(CLASS_PREFIX):]
-    if base_name not in _CLASSES:
-        _CLASSES[base_name] = _make_class(base_name)
-    return _CLASSES[base_name]
+    if _CONFIG_SEP in base_name:
+        base_name, config_name = base_name.split(_CONFIG_SEP, 1)
+    base = getattr(transformers, base_name, None)
+    own = getattr(base, "config_class", None)
+    if config_name is not None and own is not None and own.__name__ == config_name:
+        config_name = None
+    key = (base_name, config_name)
+    if key not in _CLASSES:
+        _CLASSES[key] = _make_class(base_name, config_name)
+    return _CLASSES[key]
 
 
 def __getattr__(name: str) -> type:

@@ -89,4 +89,4 @@ def from_pretrained(path: str | os.PathLike, model: torch.nn.Module | None = Non
         if cls is None:
             raise ValueError(f"{path} has no '{MANIFEST_KEY}' and no known architecture in its config.json")
         return cls.from_pretrained(path, **kwargs)
-    return compressed_class(manifest["base_class"]).from_pretrained(path, **kwargs)
+    return compressed_class(manifest["base_class"], type(config).__name__).from_pretrained(path, **kwargs)
