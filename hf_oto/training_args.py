@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .graph.config import GroupConfig
-from .optim.selection import DEFAULT_SALIENCY, SelectionConfig
+from .optim.selection import DEFAULT_PRUNING_SCHEDULE, DEFAULT_SALIENCY, SelectionConfig
 
 #: Methods that choose groups by saliency and accept FLOPs/parameter targets and aligned counts.
 _SELECTING_METHODS = ("hesso", "dhspg")
@@ -66,9 +66,10 @@ class OTOTrainingArguments(TrainingArguments):
                           "heads, KV heads, neurons and channels, so the compressed model is saved with a standard "
                           "config of its class and loads without remote code."})
     oto_pruning_schedule: str = field(
-        default="linear",
+        default=DEFAULT_PRUNING_SCHEDULE,
         metadata={"help": "hesso/dhspg: how the target is spread over the pruning periods: linear (an equal share "
-                          "each, as published) or cubic (most of it in the first periods)."})
+                          "each, as published) or cubic (most of it in the first periods: better from scratch, "
+                          "worse when fine-tuning with a new head)."})
     oto_variant: str = field(
         default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
     oto_pruning_start: float = field(
@@ -132,7 +133,7 @@ class OTOTrainingArguments(TrainingArguments):
         if self.oto_method not in available_methods():
             raise ValueError(f"unknown oto_method {self.oto_method!r}; choose from {available_methods()}")
         selection = self.selection()  # ValueError on bad values
-        if selection.unit != "groups" or selection.bundled or selection.pruning_schedule != "linear":
+        if selection.unit != "groups" or selection.bundled or selection.pruning_schedule != DEFAULT_PRUNING_SCHEDULE:
             option = (f"target_kept_{selection.unit}" if selection.unit != "groups" else
                       "oto_group_divisible" if selection.group_divisible > 1 else
                       "oto_width_multiple" if selection.width_multiple > 1 else

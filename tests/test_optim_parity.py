@@ -190,7 +190,7 @@ def test_hesso_matches_the_reference_hesso(oto, monkeypatch, capsys, build, vari
                           pruning_steps=window, pruning_periods=PERIODS, **ref_kw)
     ours = HESSO(ours_model, groups, variant=variant, eps=1e-8, target_group_sparsity=target,
                  start_pruning_step=STEPS_BEFORE, pruning_steps=window, pruning_periods=PERIODS,
-                 selection={"saliency": "mixed"}, **ours_kw)
+                 selection={"saliency": "mixed", "pruning_schedule": "linear"}, **ours_kw)
     ours_params, ref_params = dict(ours_model.named_parameters()), dict(ref_model.named_parameters())
     chosen = []
     for step in range(STEPS_BEFORE + window + STEPS_AFTER):
@@ -309,7 +309,7 @@ def _dhspg_pair(reference_dhspg, monkeypatch, variant: str, lmbda: float, tolera
                                 tolerance_group_sparsity=tolerance, start_pruning_steps=STEPS_BEFORE, **ref_kw)
     ours = DHSPG(ours_model, groups, variant=variant, eps=1e-8, lmbda=lmbda, target_group_sparsity=target,
                  tolerance_group_sparsity=tolerance, start_pruning_step=STEPS_BEFORE, pruning_steps=WINDOW,
-                 selection={"saliency": "mixed"}, **ours_kw)
+                 selection={"saliency": "mixed", "pruning_schedule": "linear"}, **ours_kw)
     ours_params, ref_params = dict(ours_model.named_parameters()), dict(ref_model.named_parameters())
 
     def step(k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""How HESSO and DHSPG spread their target over the pruning periods: linear (as published) or cubic."""
+"""How HESSO and DHSPG spread their target over the pruning periods: linear (the default, as published) or cubic."""
 
 import pytest
 import torch
@@ -88,6 +88,9 @@ def test_the_schedule_is_checked_saved_and_reaches_the_trainer():
         OTOTrainingArguments(output_dir="out", oto_pruning_schedule="quadratic")
     with pytest.raises(ValueError, match="oto_pruning_schedule applies to oto_method hesso or dhspg, not 'sfw'"):
         OTOTrainingArguments(output_dir="out", oto_method="sfw", oto_pruning_schedule="cubic")
+    OTOTrainingArguments(output_dir="out", oto_method="sfw")  # the default schedule is no request
+    assert OTOTrainingArguments(output_dir="out").selection().pruning_schedule == "linear"  # the default
+    assert SelectionConfig().pruning_schedule == "linear"
     args = OTOTrainingArguments(output_dir="out", oto_pruning_schedule="cubic")
     assert args.selection().pruning_schedule == "cubic"
     assert SelectionConfig.from_dict(SelectionConfig(pruning_schedule="cubic").to_dict()).pruning_schedule == "cubic"

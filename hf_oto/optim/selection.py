@@ -53,6 +53,10 @@ DEFAULT_SALIENCY = "taylor_abs"
 MAX_DEFAULT_SALIENCY_STEPS = 64
 #: How the target is spread over the pruning periods (see :func:`schedule_fraction`).
 PRUNING_SCHEDULES = ("linear", "cubic")
+#: The schedule HESSO and DHSPG use unless told otherwise: ``linear``, as published. ``cubic`` is
+#: ahead on CNNs trained from scratch and behind when fine-tuning a pretrained model with a new
+#: head (docs/selection.md measures both).
+DEFAULT_PRUNING_SCHEDULE = "linear"
 #: Rounds of the greedy fill (each one vectorised) before the closing bundle.
 _FILL_ROUNDS = 32
 
@@ -82,7 +86,7 @@ class SelectionConfig(JsonConfigMixin):
         pruning_schedule: how much of the target the periods remove: ``"linear"`` (default, as
             published: an equal share each) or ``"cubic"`` (Zhu and Gupta's gradual schedule:
             most of it in the first periods, so that the kept groups train longer without the
-            removed ones); see :func:`schedule_fraction`.
+            removed ones); see :func:`schedule_fraction` and docs/selection.md for when each wins.
 
     Example:
         >>> SelectionConfig(target_kept_flops=0.5, group_divisible=8).unit
@@ -103,7 +107,7 @@ class SelectionConfig(JsonConfigMixin):
     group_divisible: int = 1
     width_multiple: int = 1
     uniform_layers: bool = False
-    pruning_schedule: str = "linear"
+    pruning_schedule: str = DEFAULT_PRUNING_SCHEDULE
 
     config_label = "selection options"
 
