@@ -160,6 +160,11 @@ def test_a_model_type_served_by_another_types_class_reloads(tmp_path):
     small.save_pretrained(tmp_path)
     save_reference(small, inputs, tmp_path)
     assert reload_in_fresh_process([tmp_path], cwd=tmp_path.parent)[str(tmp_path)]["worst"] == 0.0
-    # A config that is the base class's own keeps the plain name.
+    # A config that is the base class's own keeps the plain name, as does a user's config class that
+    # Transformers does not know (compress must not fail on it); a saved name that names an unknown
+    # config is an error.
     bert, _ = build("bert-qa")
     assert compressed_class(type(bert).__name__, type(bert.config).__name__).__name__ == "HfOtoBertForQuestionAnswering"
+    assert compressed_class("BertForQuestionAnswering", "MyBertConfig").__name__ == "HfOtoBertForQuestionAnswering"
+    with pytest.raises(AttributeError, match="no config class named 'MyBertConfig'"):
+        compressed_class("HfOtoBertForQuestionAnswering__MyBertConfig")

@@ -333,16 +333,17 @@ _CONFIG_SEP = "__"
 
 def compressed_class(base_name: str, config_name: str | None = None) -> type:
     """The ``HfOto<base_name>`` class (created once per process); with ``config_name`` (the class
-    name of the model's config) that is not ``base_name``'s own config class,
+    name of the model's config) that is a Transformers config other than ``base_name``'s own,
     ``HfOto<base_name>__<config_name>``, whose ``config_class`` is that config's class."""
     if base_name.startswith(CLASS_PREFIX):
         base_name = base_name[len(CLASS_PREFIX):]
-    if _CONFIG_SEP in base_name:
+    named = _CONFIG_SEP in base_name  # a saved class name: the config it names must exist
+    if named:
         base_name, config_name = base_name.split(_CONFIG_SEP, 1)
-    base = getattr(transformers, base_name, None)
-    own = getattr(base, "config_class", None)
-    if config_name is not None and own is not None and own.__name__ == config_name:
-        config_name = None
+    own = getattr(getattr(transformers, base_name, None), "config_class", None)
+    if config_name is not None and not named and (
+            (own is not None and own.__name__ == config_name) or not hasattr(transformers, config_name)):
+        config_name = None  # its own config, or one of the user's (a subclass the Auto classes do not know)
     key = (base_name, config_name)
     if key not in _CLASSES:
         _CLASSES[key] = _make_class(base_name, config_name)
