@@ -2,10 +2,9 @@
 
 BERT-base on a SQuAD subset, at equal steps: dense fine-tuning, hf_oto HESSO (as is, and with
 widths in multiples of 8) and prune-then-finetune at half the FLOPs (the bench's own loop and rows,
-on the GPU); then the GPU
-latency of the compressed model against the dense one in bf16 at batch 1, 32 and 128, kernel by
-kernel and as a CUDA graph. Sized to finish within 10 minutes on one H100 (fp32 weights, TF32
-matmuls).
+on the GPU); then the GPU latency of the compressed model against the dense one in bf16 at batch
+1, 32 and 128, kernel by kernel and as a CUDA graph. Sized to finish within 10 minutes on one H100
+(fp32 weights, TF32 matmuls).
 
 ``--dry-run`` runs the same code path on CPU in a minute or two: a tiny BERT built from a config
 (MiniLM's tokenizer) and a small QA set written as parquet files in the Hub layout and read with

@@ -45,9 +45,9 @@ from .plots import save_plots, training_curve
 from .precision import own_forward
 from .training_args import OTOTrainingArguments
 
-#: The optimizer's pruning-schedule state in an FSDP checkpoint (accelerate saves torch's part only).
 logger = logging.getLogger(__name__)
 
+#: The optimizer's pruning-schedule state in an FSDP checkpoint (accelerate saves torch's part only).
 OTO_OPTIMIZER_FILE = "oto_optimizer.pt"
 # Metric values of an exact compression may differ by float summation order only.
 _METRIC_RTOL = 1e-4
