@@ -186,7 +186,7 @@ def _pruned_dims(groups: ZeroInvariantGroups, params_by_name: dict[str, nn.Param
     """Distinct pruned dimensions (equal ones merged: q, k and v rows of a layer are one) and,
     per parameter object, the dimensions its slices prune.
 
-    Norm modules that pad their input keep their full width (see :class:`hf_oto.groups.NormPadding`),
+    Norm modules that pad their input keep their full width (see :class:`hf_oto.group_edits.NormPadding`),
     so their tensors never shrink."""
     prunable = groups.prunable_mask
     padded = [p.module + "." for p in groups.norm_paddings]

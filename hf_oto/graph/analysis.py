@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..groups import (ALIGNED_MULTIPLE, AttributeBinding, GroupSlice, InputCut, NormPadding, ZeroInvariantGroup,
-                      ZeroInvariantGroups)
+from ..group_edits import AttributeBinding, InputCut, NormPadding
+from ..groups import ALIGNED_MULTIPLE, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups
 from .atoms import ALIGNED, CONV, EMBED, HEAD, MIXED, STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import RULES as COMPUTE_RULES
 from .compute_rules import unsupported

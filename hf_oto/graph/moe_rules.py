@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..groups import (AttributeBinding, ExpertRouting, GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups,
-                      segment_layout)
+from ..group_edits import AttributeBinding, ExpertRouting
+from ..groups import GroupSlice, ZeroInvariantGroup, ZeroInvariantGroups, segment_layout
 from .atoms import ALIGNED, STRUCTURE, UNPRUNABLE, common_module_prefix
 from .compute_rules import contract, unsupported
 from .shape_rules import index as plain_index
