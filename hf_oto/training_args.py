@@ -68,8 +68,8 @@ class OTOTrainingArguments(TrainingArguments):
     oto_pruning_schedule: str = field(
         default=DEFAULT_PRUNING_SCHEDULE,
         metadata={"help": "hesso/dhspg: how the target is spread over the pruning periods: linear (an equal share "
-                          "each, as published) or cubic (most of it in the first periods: better from scratch, "
-                          "worse when fine-tuning with a new head)."})
+                          "each, as published) or cubic (most of it in the first periods: better on a from-scratch "
+                          "ResNet, worse on a from-scratch ConvNeXt and when fine-tuning with a new head)."})
     oto_variant: str = field(
         default="adamw", metadata={"help": "Base optimizer of the group-sparsity methods: sgd, adam or adamw."})
     oto_pruning_start: float = field(
