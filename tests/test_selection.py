@@ -333,6 +333,75 @@ def test_a_flops_target_makes_heads_compete_with_neurons():
     assert int(chosen[neurons].sum()) == 4 and not chosen[heads].any()
 
 
+def test_a_group_costlier_than_a_period_share_is_taken_in_its_turn():
+    """Before the last period a head that costs more than the period's whole share, and ranks
+    lowest per FLOP, is taken (the period overshoots) instead of never fitting; a limit it would
+    pass, or no limit (the last period), keeps the exact fill, which passes it over for neurons."""
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    heads = [g.index for g in groups if g.kind == "head" and g.prunable]
+    neurons = [g.index for g in groups if g.kind == "neuron" and g.prunable]
+    costs = GroupCosts.measure(model, groups, inputs)
+    from hf_oto.optim.selection import GroupSelector
+
+    importance = torch.zeros(len(groups), dtype=torch.float64)
+    importance[neurons] = 1.0
+    importance[heads] = 2.0
+    none = torch.zeros(len(groups), dtype=torch.bool)
+    tie = torch.zeros_like(importance)
+    marginal = costs.marginal(none, "flops")
+    assert marginal[heads].min() > 4 * marginal[neurons].max()   # per FLOP every head ranks below every neuron
+    selector = GroupSelector(groups, SelectionConfig(target_kept_flops=0.7), costs)
+    head = float(marginal[heads].min())
+    share = 0.5 * head
+
+    exact = selector.choose(share, importance, tie, groups.prunable_mask, none)
+    assert exact[neurons].any() and not exact[heads].any()
+    assert share <= selector.removed(exact) < share + float(marginal[neurons].max()) + 1e-6
+
+    in_turn = selector.choose(share, importance, tie, groups.prunable_mask, none, limit=10 * head)
+    assert int(in_turn[heads].sum()) == 1 and not in_turn[neurons].any()
+    assert selector.removed(in_turn) == pytest.approx(head)
+
+    too_far = selector.choose(share, importance, tie, groups.prunable_mask, none, limit=0.75 * head)
+    assert torch.equal(too_far, exact)
+    last_period = selector.choose(share, importance, tie, groups.prunable_mask, none, limit=share)
+    assert torch.equal(last_period, exact)
+
+
+def test_hesso_removes_an_all_zero_head_that_costs_more_than_a_period_share():
+    """A FLOPs target spread over many periods: each period's share is below one head's cost. An
+    all-zero head (the least important group there is; it stays zero, its gradients are zero) is
+    chosen in the first period and counts toward the target. The exact fill never chose it: it
+    removed the whole target in nonzero neurons, and compress, finding the head zero, took the
+    model 4.6% of its FLOPs below the target."""
+    torch.manual_seed(0)
+    model, inputs = build("bert-qa")
+    groups = find_groups(model, inputs)
+    heads = [g.index for g in groups if g.kind == "head" and g.prunable]
+    costs = GroupCosts.measure(model, groups, inputs)
+    none = torch.zeros(len(groups), dtype=torch.bool)
+    periods, target = 10, 0.9
+    share = (1 - target) / periods * costs.total("flops")
+    head = float(costs.marginal(none, "flops")[heads[0]])
+    assert head > share
+    dead = torch.zeros(len(groups), dtype=torch.bool)
+    dead[heads[0]] = True
+    with torch.no_grad():
+        groups.zero_(groups.parameters(model), dead)
+    model.train()
+    opt = create_oto_optimizer(model, groups, method="hesso", variant="adamw", lr=1e-3, target_kept_flops=target,
+                               start_pruning_step=0, pruning_steps=20, pruning_periods=periods,
+                               saliency="magnitude")
+    _train_on_noise(model, opt, inputs, 2)   # the first period's selection has run
+    assert opt.metrics()["planned_kept_flops"] <= 1 - head / costs.total("flops") + 1e-9  # the head, past the share
+    _train_on_noise(model, opt, inputs, 20)
+    model.eval()
+    assert bool(groups.zero_mask(groups.parameters(model))[heads[0]])
+    kept = count_flops(compress(model, groups), inputs) / count_flops(model, inputs)
+    assert target - 0.02 < kept <= target + 1e-9
+
+
 # -- hardware-aligned counts --------------------------------------------------------------------
 
 

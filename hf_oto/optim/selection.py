@@ -23,8 +23,10 @@ prunable groups, of the FLOPs or of the parameters) and with which alignment of 
 3. **Greedy by saliency per unit of cost.** Bundles are ranked by summed saliency over summed cost
    (a layer's later bundles never before its earlier ones), ties by magnitude. Walking that order,
    a bundle is taken when its cost fits in what is still to remove; when none fits, the cheapest
-   bundle left closes the gap. Kept counts come from exact evaluations of every prefix
-   (:meth:`GroupCosts.kept_prefixes`), never from summed per-group costs.
+   bundle left closes the gap. In a period before the last, a bundle costing more than the whole
+   of what the period removes is taken in its turn instead (the period overshoots; the next ones
+   absorb it), or it would never be taken at all. Kept counts come from exact evaluations of every
+   prefix (:meth:`GroupCosts.kept_prefixes`), never from summed per-group costs.
 
 So a group target is met exactly (``floor(target * prunable)`` groups, or with alignment, at most
 one bundle more), and a FLOPs or parameter target is met from below: the compressed model keeps at
@@ -229,12 +231,18 @@ class GroupSelector:
 
     # -- the choice ------------------------------------------------------------------------------
     def choose(self, budget: float, importance: torch.Tensor, tie: torch.Tensor, candidates: torch.Tensor,
-               committed: torch.Tensor) -> torch.Tensor:
+               committed: torch.Tensor, limit: float | None = None) -> torch.Tensor:
         """Groups among ``candidates`` to remove on top of ``committed`` so that the removed amount
         (in the target's unit, from the dense model) reaches ``budget``: bool over all groups.
 
         ``importance`` (>= 0, higher: keep) is weighed against each group's cost; ``tie`` (the
         groups' magnitudes) orders equal ratios, so that all-zero scores still choose sensibly.
+        ``limit``: the most any selection may remove (the whole window's target), given for the
+        periods before the last. A bundle costing more than what this period still has to remove
+        can never fit a period's share; when it comes in its turn, before the share is filled, it is
+        taken (with the bundles ranked above it) and the period overshoots its share, which the
+        next periods absorb, as long as the total stays within ``limit``. Without ``limit`` such a
+        bundle is passed over for cheaper, more salient ones until the last period.
         """
         importance, tie = importance.detach().double().cpu(), tie.detach().double().cpu()
         candidates, committed = candidates.cpu() & self.prunable, committed.cpu() & self.prunable
@@ -247,14 +255,17 @@ class GroupSelector:
         alive = torch.ones(ends.numel(), dtype=torch.bool)
         slack = 1e-9 * max(self.total(), 1.0)
         deficit = budget - self.removed(committed)
+        if limit is not None and limit > budget + slack and deficit > slack:
+            in_turn = self._oversized_in_turn(order, starts, ends, bundle_cost, committed, budget, limit, slack)
+            if in_turn is not None:
+                return in_turn
         for _ in range(_FILL_ROUNDS):
             if deficit <= slack:
                 return chosen
             fit = (alive & (bundle_cost <= deficit + slack)).nonzero().flatten()
             if fit.numel() == 0:
                 break
-            groups_in = torch.cat([order[starts[b]:ends[b]] for b in fit.tolist()]) if self.bundled \
-                else order[fit]
+            groups_in = self._members(order, starts, ends, fit)
             bounds = (ends[fit] - starts[fit]).cumsum(0)
             removed = self._removed_prefixes(groups_in, committed | chosen)[bounds]
             take = int((removed <= budget + slack).sum())  # the removed amount only grows along the prefix
@@ -270,6 +281,45 @@ class GroupSelector:
             chosen[order[starts[b]:ends[b]]] = True
             alive[b] = False
             deficit = budget - self.removed(committed | chosen)
+        return chosen
+
+    def _members(self, order: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, bundles: torch.Tensor
+                 ) -> torch.Tensor:
+        """The groups of ``bundles`` (positions in the removal order), in that order."""
+        if not self.bundled:
+            return order[bundles]
+        return torch.cat([order[starts[b]:ends[b]] for b in bundles.tolist()])
+
+    def _oversized_in_turn(self, order: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                           bundle_cost: torch.Tensor, committed: torch.Tensor, budget: float, limit: float,
+                           slack: float) -> torch.Tensor | None:
+        """The choice when a bundle costlier than what is left to remove comes, in the order of
+        saliency per cost, before the fitting bundles fill the share: those ranked above it, then
+        it. None when no such bundle comes in time, or when taking it would pass ``limit``.
+
+        Why: with a share per period smaller than the costliest groups (the stem's channels of a
+        small CNN, several percent of its FLOPs each), the exact fill never takes them however low
+        they rank, and period after period removes the cheaper groups that rank above them instead
+        (a ResNet ends with its blocks' inner convolutions at half the width other methods keep;
+        docs/selection.md).
+        """
+        over = bundle_cost > budget - self.removed(committed) + slack
+        if not bool(over.any()):
+            return None
+        fit = (~over).nonzero().flatten()
+        filled_at = ends.numel()  # position of the first fitting bundle the exact fill leaves out
+        if fit.numel():
+            removed = self._removed_prefixes(self._members(order, starts, ends, fit), committed)
+            taken = int((removed[(ends[fit] - starts[fit]).cumsum(0)] <= budget + slack).sum())
+            if taken < fit.numel():
+                filled_at = int(fit[taken])
+        first = int(over.nonzero().flatten()[0])
+        if first >= filled_at:
+            return None
+        chosen = torch.zeros(self.num_groups, dtype=torch.bool)
+        chosen[self._members(order, starts, ends, torch.cat([fit[fit < first], torch.tensor([first])]))] = True
+        if self.removed(committed | chosen) > limit + slack:
+            return None
         return chosen
 
     def _bundles(self, importance: torch.Tensor, tie: torch.Tensor, cost: torch.Tensor, candidates: torch.Tensor,

@@ -221,8 +221,9 @@ class WindowedPruning(GroupSparseOptimizer):
             importance = self._importance(candidates, mix, norms)
             blocked = torch.zeros_like(candidates)
             while True:
-                chosen = self._selector.choose(budget, importance, norms, candidates & ~blocked,
-                                               committed).to(self.device)
+                chosen = self._selector.choose(budget, importance, norms, candidates & ~blocked, committed,
+                                               None if self._plain_target else self._target_removed()
+                                               ).to(self.device)
                 feasible = self._feasible(chosen, importance)
                 if torch.equal(feasible, chosen):
                     break
