@@ -308,22 +308,29 @@ def _train_on_noise(model, opt, inputs, steps):
         opt.step()
 
 
-def test_a_flops_target_makes_heads_compete_with_neurons():
-    """A head costs as much as many neurons: priced by FLOPs, removing one is worth it when its
-    saliency per FLOP is low."""
+def _heads_worth_two_neurons():
+    """bert-qa's groups and costs, with importances where a head is worth two neurons but costs more
+    than four (so per FLOP every head ranks below every neuron)."""
     model, inputs = build("bert-qa")
     groups = find_groups(model, inputs)
     heads = [g.index for g in groups if g.kind == "head" and g.prunable]
     neurons = [g.index for g in groups if g.kind == "neuron" and g.prunable]
     costs = GroupCosts.measure(model, groups, inputs)
-    from hf_oto.optim.selection import GroupSelector
-
     importance = torch.zeros(len(groups), dtype=torch.float64)
     importance[neurons] = 1.0
-    importance[heads] = 2.0                        # a head is worth two neurons ...
+    importance[heads] = 2.0
     none = torch.zeros(len(groups), dtype=torch.bool)
     marginal = costs.marginal(none, "flops")
-    assert marginal[heads].min() > 4 * marginal[neurons].max()   # ... and costs more than four
+    assert marginal[heads].min() > 4 * marginal[neurons].max()
+    return groups, costs, heads, neurons, importance, none, marginal
+
+
+def test_a_flops_target_makes_heads_compete_with_neurons():
+    """A head costs as much as many neurons: priced by FLOPs, removing one is worth it when its
+    saliency per FLOP is low."""
+    from hf_oto.optim.selection import GroupSelector
+
+    groups, costs, heads, neurons, importance, none, marginal = _heads_worth_two_neurons()
     by_flops = GroupSelector(groups, SelectionConfig(target_kept_flops=0.7), costs)
     four_heads = 4 * float(marginal[heads[0]])
     chosen = by_flops.choose(four_heads, importance, torch.zeros_like(importance), groups.prunable_mask, none)
@@ -337,20 +344,10 @@ def test_a_group_costlier_than_a_period_share_is_taken_in_its_turn():
     """Before the last period a head that costs more than the period's whole share, and ranks
     lowest per FLOP, is taken (the period overshoots) instead of never fitting; a limit it would
     pass, or no limit (the last period), keeps the exact fill, which passes it over for neurons."""
-    model, inputs = build("bert-qa")
-    groups = find_groups(model, inputs)
-    heads = [g.index for g in groups if g.kind == "head" and g.prunable]
-    neurons = [g.index for g in groups if g.kind == "neuron" and g.prunable]
-    costs = GroupCosts.measure(model, groups, inputs)
     from hf_oto.optim.selection import GroupSelector
 
-    importance = torch.zeros(len(groups), dtype=torch.float64)
-    importance[neurons] = 1.0
-    importance[heads] = 2.0
-    none = torch.zeros(len(groups), dtype=torch.bool)
+    groups, costs, heads, neurons, importance, none, marginal = _heads_worth_two_neurons()
     tie = torch.zeros_like(importance)
-    marginal = costs.marginal(none, "flops")
-    assert marginal[heads].min() > 4 * marginal[neurons].max()   # per FLOP every head ranks below every neuron
     selector = GroupSelector(groups, SelectionConfig(target_kept_flops=0.7), costs)
     head = float(marginal[heads].min())
     share = 0.5 * head
