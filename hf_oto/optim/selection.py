@@ -56,8 +56,8 @@ MAX_DEFAULT_SALIENCY_STEPS = 64
 #: How the target is spread over the pruning periods (see :func:`schedule_fraction`).
 PRUNING_SCHEDULES = ("linear", "cubic")
 #: The schedule HESSO and DHSPG use unless told otherwise: ``linear``, as published. ``cubic`` is
-#: ahead on CNNs trained from scratch and behind when fine-tuning a pretrained model with a new
-#: head (docs/selection.md measures both).
+#: ahead on the from-scratch ResNet at high sparsity, behind on the from-scratch ConvNeXt and when
+#: fine-tuning a pretrained model with a new head (docs/selection.md measures each).
 DEFAULT_PRUNING_SCHEDULE = "linear"
 #: Rounds of the greedy fill (each one vectorised) before the closing bundle.
 _FILL_ROUNDS = 32
@@ -256,7 +256,8 @@ class GroupSelector:
         slack = 1e-9 * max(self.total(), 1.0)
         deficit = budget - self.removed(committed)
         if limit is not None and limit > budget + slack and deficit > slack:
-            in_turn = self._oversized_in_turn(order, starts, ends, bundle_cost, committed, budget, limit, slack)
+            in_turn = self._oversized_in_turn(order, starts, ends, bundle_cost, committed, budget, deficit, limit,
+                                              slack)
             if in_turn is not None:
                 return in_turn
         for _ in range(_FILL_ROUNDS):
@@ -265,10 +266,8 @@ class GroupSelector:
             fit = (alive & (bundle_cost <= deficit + slack)).nonzero().flatten()
             if fit.numel() == 0:
                 break
-            groups_in = self._members(order, starts, ends, fit)
-            bounds = (ends[fit] - starts[fit]).cumsum(0)
-            removed = self._removed_prefixes(groups_in, committed | chosen)[bounds]
-            take = int((removed <= budget + slack).sum())  # the removed amount only grows along the prefix
+            groups_in, bounds, removed, take = self._fill(order, starts, ends, fit, committed | chosen, budget,
+                                                          slack)
             if take == 0:  # the first fitting bundle overshoots after all (shared dimensions)
                 alive[fit[0]] = False
                 continue
@@ -290,9 +289,20 @@ class GroupSelector:
             return order[bundles]
         return torch.cat([order[starts[b]:ends[b]] for b in bundles.tolist()])
 
+    def _fill(self, order: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, fit: torch.Tensor,
+              base: torch.Tensor, budget: float, slack: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One round of the exact fill over the fitting bundles ``fit`` on top of ``base``: their
+        groups in order, the prefix end of each bundle, the removed amount after each, and how many
+        of them stay within ``budget``."""
+        groups_in = self._members(order, starts, ends, fit)
+        bounds = (ends[fit] - starts[fit]).cumsum(0)
+        removed = self._removed_prefixes(groups_in, base)[bounds]
+        return groups_in, bounds, removed, int((removed <= budget + slack).sum())  # removed grows along the prefix
+
     def _oversized_in_turn(self, order: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-                           bundle_cost: torch.Tensor, committed: torch.Tensor, budget: float, limit: float,
-                           slack: float) -> torch.Tensor | None:
+                           bundle_cost: torch.Tensor, committed: torch.Tensor, budget: float, deficit: float,
+                           limit: float, slack: float) -> torch.Tensor | None:
         """The choice when a bundle costlier than what is left to remove comes, in the order of
         saliency per cost, before the fitting bundles fill the share: those ranked above it, then
         it. None when no such bundle comes in time, or when taking it would pass ``limit``.
@@ -303,14 +313,13 @@ class GroupSelector:
         (a ResNet ends with its blocks' inner convolutions at half the width other methods keep;
         docs/selection.md).
         """
-        over = bundle_cost > budget - self.removed(committed) + slack
+        over = bundle_cost > deficit + slack
         if not bool(over.any()):
             return None
         fit = (~over).nonzero().flatten()
         filled_at = ends.numel()  # position of the first fitting bundle the exact fill leaves out
         if fit.numel():
-            removed = self._removed_prefixes(self._members(order, starts, ends, fit), committed)
-            taken = int((removed[(ends[fit] - starts[fit]).cumsum(0)] <= budget + slack).sum())
+            taken = self._fill(order, starts, ends, fit, committed, budget, slack)[3]
             if taken < fit.numel():
                 filled_at = int(fit[taken])
         first = int(over.nonzero().flatten()[0])
